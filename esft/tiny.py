@@ -1,0 +1,115 @@
+"""Tiny MoE models and a tiny tokenizer, built from configs in memory (no downloads).
+
+Used by the tests, the benchmarks and the quickstart until the project's own pretrained model
+exists. Each config builds and trains on a CPU in well under a second per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+_COMMON = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    # Match tiny_tokenizer's special tokens: <s>=0, </s>=1, <pad>=2.
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=2,
+)
+
+_DEEPSEEK = dict(
+    num_key_value_heads=4,
+    n_routed_experts=16,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    moe_intermediate_size=32,
+    kv_lora_rank=16,
+    q_lora_rank=None,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    topk_method="greedy",
+    # Tiny routers at init give near-uniform gates; the real models use scaling factors > 1.
+    routed_scaling_factor=1.0,
+)
+
+TINY_OVERRIDES: dict[str, dict] = {
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": {**_DEEPSEEK, "q_lora_rank": 32, "n_group": 4, "topk_group": 2, "topk_method": "noaux_tc"},
+    "qwen2_moe": dict(
+        num_experts=16, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64
+    ),
+    "qwen3_moe": dict(num_experts=16, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, norm_topk_prob=True),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(num_experts=16, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=16, num_experts_per_tok=2, head_dim=16, sliding_window=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    ),
+}
+
+FAMILIES = tuple(TINY_OVERRIDES)
+
+
+def tiny_config(family: str, **overrides) -> PretrainedConfig:
+    """A tiny config of `family`; keyword overrides win (e.g. hidden_size=256 for benchmarks)."""
+    if family not in TINY_OVERRIDES:
+        raise ValueError(f"no tiny config for family {family!r}; known: {', '.join(FAMILIES)}")
+    kwargs = {**_COMMON, **TINY_OVERRIDES[family], **overrides}
+    if family == "deepseek_v3":
+        kwargs.pop("topk_method", None)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> PreTrainedModel:
+    """A randomly initialised tiny causal LM of `family`, deterministic for a given seed."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
+    _spread_routers(model, seed)
+    return model.eval()
+
+
+def _spread_routers(model: PreTrainedModel, seed: int) -> None:
+    """Give router weights a usable scale: some families initialise them to zero, which routes
+    every token by tie-breaking and makes routing tests meaningless."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype) * 0.5)
+
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory on `texts` (a small default corpus if None)."""
+    corpus = texts or _DEFAULT_CORPUS
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+_DEFAULT_CORPUS = [
+    "User: What is 12 plus 30?\n\nAssistant: 12 plus 30 is 42.",
+    "User: Translate 'good morning' into French.\n\nAssistant: Bonjour.",
+    "User: Write a function that adds two numbers.\n\nAssistant: def add(a, b): return a + b",
+    "User: Book a table for two at seven.\n\nAssistant: {\"intent\": \"book_table\", \"people\": 2}",
+    "The quick brown fox jumps over the lazy dog. Experts route tokens to specialists.",
+] * 8
