@@ -201,10 +201,12 @@ def top_k(layer: MoELayer) -> int:
     return int(layer.router.top_k)
 
 
+FUSED_NAMES = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
 def fused_expert_params(experts: nn.Module) -> dict[str, nn.Parameter]:
     """The fused per-expert tensors of an experts module, first dim = expert (weights and biases)."""
-    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
-    return {n: getattr(experts, n) for n in names if isinstance(getattr(experts, n, None), torch.Tensor)}
+    return {n: getattr(experts, n) for n in FUSED_NAMES if isinstance(getattr(experts, n, None), torch.Tensor)}
 
 
 def split_expert(family: Family, layer: int, expert: int, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -222,7 +224,7 @@ def join_expert(family: Family, layer: int, expert: int, tensors: dict[str, torc
     Raises KeyError naming the first missing tensor."""
     prefix = family.expert_key(layer, expert)
     if family.expert_names is None:
-        return {name: tensors[prefix + name] for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
+        return {name: tensors[prefix + name] for name in FUSED_NAMES}
     gate_name, up_name, down_name = family.expert_names
     gate_up = torch.cat([tensors[prefix + gate_name], tensors[prefix + up_name]], dim=0)
     return {"gate_up_proj": gate_up, "down_proj": tensors[prefix + down_name]}
