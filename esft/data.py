@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import reprlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -54,7 +53,12 @@ _ROW_HINT = (
     '(or "prompt" and "response" strings)'
 )
 _ERRORS_SHOWN = 5
-_short = reprlib.Repr(maxstring=40, maxother=40).repr
+
+
+def _short(value: object) -> str:
+    """A one-line, bounded repr of a user value for error messages."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class DataError(ValueError):
@@ -302,7 +306,7 @@ def format_chat_template(conversation: Conversation, tokenizer: PreTrainedTokeni
         prompt = _render_ids(tokenizer, messages[: end - 1], add_generation_prompt=True)
         _extend_with_suffix(input_ids, labels, prompt, in_loss=False, source=conversation.source)
         turn = _render_ids(tokenizer, messages[:end], add_generation_prompt=False)
-        _extend_with_suffix(input_ids, labels, turn, in_loss=not message.mask, source=conversation.source)
+        _extend_with_suffix(input_ids, labels, turn, in_loss=True, source=conversation.source)
     full = _render_ids(tokenizer, messages, add_generation_prompt=False)
     _extend_with_suffix(input_ids, labels, full, in_loss=False, source=conversation.source)
     return TokenizedSample(input_ids=input_ids, labels=labels)

@@ -1,0 +1,149 @@
+"""The `esft` command line.
+
+    esft inspect deepseek-ai/DeepSeek-V2-Lite
+    esft select --scores runs/profile --score-function token --top-p 0.2 --out expert_cfg.json
+    esft merge --model deepseek-ai/DeepSeek-V2-Lite --adapter runs/train/adapter --out merged/
+    esft quickstart --out runs/quickstart
+
+Every command validates its inputs before it spends compute, prints one line `esft: error: ...`
+naming the problem and the fix on bad input, and exits non-zero without writing partial outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from esft.adapter import AdapterError
+
+log = logging.getLogger("esft")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own Python code (off by default)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from esft.model import describe, format_description, load_skeleton
+
+    description = describe(load_skeleton(args.model, trust_remote_code=args.trust_remote_code))
+    print(json.dumps(description.as_dict(), indent=2) if args.json else format_description(description))
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from esft.select import check_top_p, load_layer_scores, select_experts
+
+    if args.top_p is not None:
+        check_top_p(args.top_p)  # fail before reading anything
+    layer_scores = load_layer_scores(args.scores, args.score_function, args.averaging)
+    config = select_experts(
+        layer_scores,
+        top_p=args.top_p,
+        experts_per_layer=args.experts_per_layer,
+        shared_experts=args.train_shared_experts,
+        non_expert_modules=args.train_non_expert_modules,
+    )
+    config.save(args.out)
+    per_layer = [len(ids) for ids in config.experts.values()]
+    print(
+        f"selected {config.num_selected} experts over {len(per_layer)} layers "
+        f"({min(per_layer)}-{max(per_layer)} per layer) -> {args.out}"
+    )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from esft.adapter import check_adapter, load_adapter
+    from esft.io import atomic_directory
+    from esft.model import load_model
+    from esft.trainable import merge_adapter
+
+    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    check_adapter(model, args.adapter)  # before anything is written
+    load_adapter(model, args.adapter)
+    merge_adapter(model)
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        _copy_tokenizer(args.model, tmp, args.trust_remote_code)
+    print(f"merged {args.adapter} into {args.model} -> {args.out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _copy_tokenizer(model: str, out: Path, trust_remote_code: bool) -> None:
+    """Save the base model's tokenizer beside the merged weights, when it has one."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        log.info("no tokenizer found for %s; the merged directory holds weights and config only", model)
+        return
+    tokenizer.save_pretrained(out)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from esft.quickstart import run_quickstart
+
+    run_quickstart(Path(args.out), steps=args.steps, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esft", description="Expert-Specialized Fine-Tuning for MoE LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print a MoE model's structure (no weights are loaded)")
+    p.add_argument("model", help="hub id, local directory, or tiny:<family>")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("select", help="choose experts from profiled scores (writes expert_cfg.json)")
+    p.add_argument("--scores", required=True, help="our scores file, a directory holding one, or a reference summary.json")
+    p.add_argument("--score-function", required=True, choices=["token", "gate"])
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--top-p", type=float, help="cumulative score threshold in (0, 1] (paper: token 0.2, gate 0.1)")
+    budget.add_argument("--experts-per-layer", type=int, help="fixed budget: the N best experts of every layer")
+    p.add_argument("--averaging", choices=["token", "sequence"], default="token", help="token-pooled (reference) or per-sequence mean")
+    p.add_argument("--train-shared-experts", action="store_true")
+    p.add_argument("--train-non-expert-modules", action="store_true")
+    p.add_argument("--out", required=True, help="expert config file to write")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model (a plain Hugging Face model directory)")
+    p.add_argument("--model", required=True, help="base model: hub id, local directory, or tiny:<family>")
+    p.add_argument("--adapter", required=True, help="adapter directory (expert_cfg.json + model.safetensors)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("quickstart", help="profile -> select -> train -> save -> merge on the embedded default")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, AdapterError) as error:
+        print(f"esft: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esft: interrupted; no partial outputs were left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
