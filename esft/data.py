@@ -306,7 +306,7 @@ def format_chat_template(conversation: Conversation, tokenizer: PreTrainedTokeni
         prompt = _render_ids(tokenizer, messages[: end - 1], add_generation_prompt=True)
         _extend_with_suffix(input_ids, labels, prompt, in_loss=False, source=conversation.source)
         turn = _render_ids(tokenizer, messages[:end], add_generation_prompt=False)
-        _extend_with_suffix(input_ids, labels, turn, in_loss=True, source=conversation.source)
+        _extend_with_suffix(input_ids, labels, turn, in_loss=not message.mask, source=conversation.source)
     full = _render_ids(tokenizer, messages, add_generation_prompt=False)
     _extend_with_suffix(input_ids, labels, full, in_loss=False, source=conversation.source)
     return TokenizedSample(input_ids=input_ids, labels=labels)
