@@ -48,7 +48,10 @@ def load_skeleton(name_or_path: str, trust_remote_code: bool = False) -> nn.Modu
     """The model's structure without its weights (meta device): enough to inspect a 600B model."""
     if name_or_path.startswith(TINY_PREFIX):
         return load_model(name_or_path)
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ValueError(f"cannot load model config {name_or_path!r}: {str(error).splitlines()[0]}") from error
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
