@@ -86,7 +86,7 @@ def _copy_tokenizer(model: str, out: Path, trust_remote_code: bool) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from esft.quickstart import run_quickstart
+    from pipeline.quickstart import run_quickstart
 
     run_quickstart(Path(args.out), steps=args.steps, overwrite=args.overwrite)
     return 0
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="profile -> select -> train -> save -> merge on the embedded default")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_quickstart)
     return parser

@@ -1,0 +1,34 @@
+"""The README's main command, end to end on the embedded default."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from esft.select import load_expert_config
+from pipeline.cli import main as esft
+
+
+def test_quickstart_runs_the_core_path(tmp_path):
+    out = tmp_path / "run"
+    assert esft(["quickstart", "--out", str(out), "--steps", "20"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["merged_logits_max_abs_diff"] == 0.0
+    assert report["valid_loss_after"] < report["valid_loss_before"]
+    config = load_expert_config(out / "expert_cfg.json")
+    assert config.num_selected == report["selected_experts"] >= 3  # at least one per MoE layer
+    assert (out / "profile" / "summary.json").exists() and (out / "profile" / "expert_scores.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed and all(".mlp.experts." in n for n in changed)
+
+
+def test_quickstart_refuses_to_overwrite(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("keep me")
+    assert esft(["quickstart", "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"
