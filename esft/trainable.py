@@ -126,39 +126,41 @@ def _trainable(experts: nn.Module, name: str, dtype: torch.dtype) -> torch.Tenso
 
 
 def _grouped_forward(experts, hidden_TH, topk_ids_TK, topk_weights_TK):
-    """Grouped GEMMs over two segments: pairs routed to frozen experts, then pairs routed to
-    trainable ones. Sorting by (frozen id | E + slot) groups both in one sort, and the final sum
-    over K keeps transformers' order, so untrained outputs match bit for bit."""
+    """Grouped GEMMs over two segments of (token, expert) pairs: those routed to frozen experts,
+    then those routed to trainable ones. One sort by (frozen id | E + slot) forms both segments;
+    each runs the whole expert MLP on its own (no full-size intermediate is split or re-joined),
+    and the final sum over K keeps transformers' order, so untrained outputs match bit for bit."""
     T, K = topk_ids_TK.shape
     E = int(experts.num_experts)
-    k = int(experts.esft_expert_ids.numel())
     dtype = hidden_TH.dtype
     ids_S = topk_ids_TK.reshape(-1)
     slot_S = experts.esft_slot_of_expert[ids_S]
-    key_S = torch.where(slot_S >= 0, E + slot_S, ids_S)
-    key_sorted_S, perm_S = torch.sort(key_S)
-    x_SH = hidden_TH[perm_S // K]
-    counts = torch.bincount(key_sorted_S, minlength=E + k)
+    key_sorted_S, perm_S = torch.sort(torch.where(slot_S >= 0, E + slot_S, ids_S))
+    counts = torch.bincount(key_sorted_S, minlength=E + int(experts.esft_expert_ids.numel()))
     n_frozen = int(counts[:E].sum())
-    offsets = (torch.cumsum(counts[:E], 0, dtype=torch.int32), torch.cumsum(counts[E:], 0, dtype=torch.int32))
-    segments = (slice(0, n_frozen), slice(n_frozen, key_sorted_S.numel()))
-    rows = (key_sorted_S[:n_frozen], key_sorted_S[n_frozen:] - E)
+    token_S, weight_S = perm_S // K, topk_weights_TK.reshape(-1)[perm_S]
 
-    def grouped(x, name):
-        parts = []
-        for seg, offs, row_ids, trainable in zip(segments, offsets, rows, (False, True)):
-            if seg.start == seg.stop:
-                continue
+    outputs = []
+    for trainable, seg, seg_counts, first_id in (
+        (False, slice(0, n_frozen), counts[:E], 0),
+        (True, slice(n_frozen, perm_S.numel()), counts[E:], E),
+    ):
+        if seg.start == seg.stop:
+            continue
+        offsets = torch.cumsum(seg_counts, 0, dtype=torch.int32)
+        rows = key_sorted_S[seg] - first_id
+
+        def project(x, name):
             weight = _trainable(experts, name, dtype) if trainable else getattr(experts, name)
             bias = None
             if experts.has_bias:
-                bias_all = _trainable(experts, name + "_bias", dtype) if trainable else getattr(experts, name + "_bias")
-                bias = bias_all[row_ids]
-            parts.append(_grouped_linear(x[seg], weight, offs, bias=bias, is_transposed=experts.is_transposed))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+                bias = (_trainable(experts, name + "_bias", dtype) if trainable else getattr(experts, name + "_bias"))[rows]
+            return _grouped_linear(x, weight, offsets, bias=bias, is_transposed=experts.is_transposed)
 
-    h = experts._apply_gate(grouped(x_SH, "gate_up_proj"))
-    out_SH = grouped(h, "down_proj") * topk_weights_TK.reshape(-1)[perm_S].unsqueeze(-1)
+        h = experts._apply_gate(project(hidden_TH[token_S[seg]], "gate_up_proj"))
+        outputs.append(project(h, "down_proj") * weight_S[seg].unsqueeze(-1))
+
+    out_SH = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     inverse = torch.empty_like(perm_S)
     inverse[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
     return out_SH[inverse].view(T, K, -1).sum(dim=1).to(dtype)
