@@ -66,6 +66,21 @@ def _gpt_oss_route(logits: torch.Tensor, router: nn.Module) -> tuple[torch.Tenso
 _DEEPSEEK_SHARED = ("shared_experts",)
 _STANDARD_NAMES = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
+
+def _qwen_style(name: str, shared_attrs: tuple[str, ...] = ()) -> Family:
+    """Qwen2-MoE, Qwen3-MoE and OLMoE route alike: softmax, top-k, optional renormalisation."""
+    return Family(
+        name=name,
+        router_attr="gate",
+        shared_attrs=shared_attrs,
+        scoring="softmax over all experts, top-k, renormalised iff norm_topk_prob",
+        gate_value="top-k softmax probability (renormalised iff norm_topk_prob)",
+        expert_key=_mlp_key,
+        expert_names=_STANDARD_NAMES,
+        routing_from_logits=_softmax_topk(lambda router: router.norm_topk_prob),
+    )
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
@@ -88,26 +103,8 @@ FAMILIES: dict[str, Family] = {
             expert_key=_mlp_key,
             expert_names=_STANDARD_NAMES,
         ),
-        Family(
-            name="qwen2_moe",
-            router_attr="gate",
-            shared_attrs=("shared_expert", "shared_expert_gate"),
-            scoring="softmax over all experts, top-k, renormalised iff norm_topk_prob",
-            gate_value="top-k softmax probability (renormalised iff norm_topk_prob)",
-            expert_key=_mlp_key,
-            expert_names=_STANDARD_NAMES,
-            routing_from_logits=_softmax_topk(lambda r: r.norm_topk_prob),
-        ),
-        Family(
-            name="qwen3_moe",
-            router_attr="gate",
-            shared_attrs=(),
-            scoring="softmax over all experts, top-k, renormalised iff norm_topk_prob",
-            gate_value="top-k softmax probability (renormalised iff norm_topk_prob)",
-            expert_key=_mlp_key,
-            expert_names=_STANDARD_NAMES,
-            routing_from_logits=_softmax_topk(lambda r: r.norm_topk_prob),
-        ),
+        _qwen_style("qwen2_moe", shared_attrs=("shared_expert", "shared_expert_gate")),
+        _qwen_style("qwen3_moe"),
         Family(
             name="mixtral",
             router_attr="gate",
@@ -118,16 +115,7 @@ FAMILIES: dict[str, Family] = {
             expert_names=("w1.weight", "w3.weight", "w2.weight"),
             routing_from_logits=_softmax_topk(lambda r: True),
         ),
-        Family(
-            name="olmoe",
-            router_attr="gate",
-            shared_attrs=(),
-            scoring="softmax over all experts, top-k, renormalised iff norm_topk_prob",
-            gate_value="top-k softmax probability (renormalised iff norm_topk_prob)",
-            expert_key=_mlp_key,
-            expert_names=_STANDARD_NAMES,
-            routing_from_logits=_softmax_topk(lambda r: r.norm_topk_prob),
-        ),
+        _qwen_style("olmoe"),
         Family(
             name="gpt_oss",
             router_attr="router",
