@@ -198,41 +198,50 @@ def layer_score_dict(layers: tuple[int, ...], scores_LE: np.ndarray) -> dict[str
     return {key: rows[key] for key in sorted(rows)}
 
 
-def accumulate_batch(
-    scores: ExpertScores,
-    layer_position: dict[int, int],
-    layer: int,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    token_mask_BS: torch.Tensor,
-) -> None:
-    """Add one layer's routing of one batch to `scores` (in place), counting only masked-in tokens."""
-    B, S = token_mask_BS.shape
-    E = scores.num_experts
-    keep_T = token_mask_BS.reshape(-1).bool()
-    ids_TK = topk_ids_TK.reshape(B * S, -1).long()
-    weights_TK = topk_weights_TK.reshape(B * S, -1).double()
-    row = layer_position[layer]
+@dataclass
+class RowSums:
+    """Raw routing sums of B rows, kept per row (leading axis) so that a driver can merge rows in
+    a fixed order and stop at a token budget exactly, however the rows were batched."""
 
-    kept_ids = ids_TK[keep_T].reshape(-1)
-    kept_fixed = torch.round(weights_TK[keep_T].reshape(-1) * _GATE_SCALE).long()
-    scores.tokens_L[row] += int(keep_T.sum())
-    scores.selections_LE[row] += torch.bincount(kept_ids, minlength=E).numpy()
-    scores.gate_mass_fixed_LE[row] += torch.zeros(E, dtype=torch.long).index_add_(0, kept_ids, kept_fixed).numpy()
+    tokens_BL: np.ndarray  # int64 [B, L]
+    selections_BLE: np.ndarray  # int64 [B, L, E]
+    gate_mass_fixed_BLE: np.ndarray  # int64 [B, L, E]
 
-    # Per-sequence means (the paper's averaging): per row sums / per row token counts.
-    mask_BK = token_mask_BS.reshape(B, S, 1).double().expand(B, S, ids_TK.shape[1])
-    ids_BSK = ids_TK.reshape(B, S, -1)
-    onehot_rows = torch.zeros(B, E, dtype=torch.float64)
-    gate_rows = torch.zeros(B, E, dtype=torch.float64)
-    onehot_rows.scatter_add_(1, ids_BSK.reshape(B, -1), mask_BK.reshape(B, -1))
-    gate_rows.scatter_add_(1, ids_BSK.reshape(B, -1), (weights_TK.reshape(B, S, -1) * mask_BK).reshape(B, -1))
-    row_tokens = token_mask_BS.sum(dim=1).double()
-    counted = row_tokens > 0
-    scores.seq_mean_selections_LE[row] += (onehot_rows[counted] / row_tokens[counted, None]).sum(0).numpy()
-    scores.seq_mean_gate_LE[row] += (gate_rows[counted] / row_tokens[counted, None]).sum(0).numpy()
-    if row == 0:
-        scores.sequences += int(counted.sum())
+    def __len__(self) -> int:
+        return self.tokens_BL.shape[0]
+
+    def row(self, b: int) -> RowSums:
+        return RowSums(self.tokens_BL[b : b + 1], self.selections_BLE[b : b + 1], self.gate_mass_fixed_BLE[b : b + 1])
+
+
+def layer_row_sums(
+    topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, counted_BS: torch.Tensor, num_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One layer's routing of one batch -> per-row (tokens [B], selections [B, E], gate mass
+    [B, E] in fixed point), counting only tokens where `counted_BS` is true."""
+    B, S = counted_BS.shape
+    ids_BN = topk_ids_TK.reshape(B, -1).long()  # N = S * K pairs per row
+    keep_BN = counted_BS.reshape(B, S, 1).expand(B, S, topk_ids_TK.shape[-1]).reshape(B, -1).long()
+    fixed_BN = torch.round(topk_weights_TK.reshape(B, -1).double() * _GATE_SCALE).long() * keep_BN
+    selections_BE = torch.zeros(B, num_experts, dtype=torch.long).scatter_add_(1, ids_BN, keep_BN)
+    gate_BE = torch.zeros(B, num_experts, dtype=torch.long).scatter_add_(1, ids_BN, fixed_BN)
+    return counted_BS.sum(dim=1).numpy(), selections_BE.numpy(), gate_BE.numpy()
+
+
+def add_rows(scores: ExpertScores, rows: RowSums) -> ExpertScores:
+    """Add rows to `scores` in place, in row order (which fixes the float order of the
+    per-sequence sums, so a fixed row order gives bit-identical results)."""
+    scores.tokens_L += rows.tokens_BL.sum(axis=0)
+    scores.selections_LE += rows.selections_BLE.sum(axis=0)
+    scores.gate_mass_fixed_LE += rows.gate_mass_fixed_BLE.sum(axis=0)
+    for b in range(len(rows)):
+        tokens_L = rows.tokens_BL[b]
+        if tokens_L[0] == 0:
+            continue
+        scores.sequences += 1
+        scores.seq_mean_selections_LE += rows.selections_BLE[b] / tokens_L[:, None]
+        scores.seq_mean_gate_LE += rows.gate_mass_fixed_BLE[b] / _GATE_SCALE / tokens_L[:, None]
+    return scores
 
 
 def empty_scores_for(model: nn.Module, metadata: dict | None = None) -> ExpertScores:
@@ -246,6 +255,36 @@ def empty_scores_for(model: nn.Module, metadata: dict | None = None) -> ExpertSc
     return ExpertScores.empty(tuple(l.index for l in layers), num_experts(layers[0]), top_k(layers[0]), meta)
 
 
+def profile_rows(
+    model: nn.Module,
+    input_ids_BS: torch.Tensor,
+    attention_mask_BS: torch.Tensor,
+    token_mask_BS: torch.Tensor | None = None,
+) -> RowSums:
+    """Run one batch through the decoder (inference mode, no LM head) and return its per-row
+    routing sums. Counted tokens are the non-padding ones (`attention_mask`), further restricted
+    by `token_mask` when given (e.g. `labels != -100` to count only loss tokens)."""
+    layers = moe_layers(model)
+    position = {layer.index: i for i, layer in enumerate(layers)}
+    B, E = input_ids_BS.shape[0], num_experts(layers[0])
+    counted_BS = attention_mask_BS.bool()
+    if token_mask_BS is not None:
+        counted_BS = counted_BS & token_mask_BS.bool()
+    counted_BS = counted_BS.cpu()
+    sums = RowSums(
+        np.zeros((B, len(layers)), np.int64), np.zeros((B, len(layers), E), np.int64), np.zeros((B, len(layers), E), np.int64)
+    )
+
+    def on_routing(layer: int, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
+        tokens, selections, gate = layer_row_sums(ids_TK.cpu(), weights_TK.float().cpu(), counted_BS, E)
+        i = position[layer]
+        sums.tokens_BL[:, i], sums.selections_BLE[:, i], sums.gate_mass_fixed_BLE[:, i] = tokens, selections, gate
+
+    with torch.inference_mode(), routing_hooks(model, on_routing, layers):
+        run_decoder(model, input_ids_BS, attention_mask_BS)
+    return sums
+
+
 def profile_batch(
     model: nn.Module,
     input_ids_BS: torch.Tensor,
@@ -253,19 +292,6 @@ def profile_batch(
     token_mask_BS: torch.Tensor | None = None,
     into: ExpertScores | None = None,
 ) -> ExpertScores:
-    """Run one batch through the decoder and add its routing to `into` (or to new empty scores).
-
-    Counted tokens are the non-padding ones (`attention_mask`), further restricted by
-    `token_mask` when given (e.g. `labels != -100` to count only loss tokens)."""
+    """Profile one batch and add it to `into` (or to new empty scores for `model`)."""
     scores = into if into is not None else empty_scores_for(model)
-    counted_BS = attention_mask_BS.bool()
-    if token_mask_BS is not None:
-        counted_BS = counted_BS & token_mask_BS.bool()
-    position = {layer: i for i, layer in enumerate(scores.layers)}
-
-    def on_routing(layer: int, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        accumulate_batch(scores, position, layer, ids_TK.cpu(), weights_TK.float().cpu(), counted_BS.cpu())
-
-    with torch.inference_mode(), routing_hooks(model, on_routing):
-        run_decoder(model, input_ids_BS, attention_mask_BS)
-    return scores
+    return add_rows(scores, profile_rows(model, input_ids_BS, attention_mask_BS, token_mask_BS))

@@ -10,7 +10,7 @@ import torch
 
 from esft.families import family_of, moe_layers
 from esft.routing import capture_routing
-from esft.scores import ExpertScores, ScoresError, accumulate_batch, profile_batch
+from esft.scores import ExpertScores, RowSums, ScoresError, add_rows, layer_row_sums, profile_batch
 from esft.tiny import tiny_model
 
 
@@ -20,12 +20,12 @@ def hand_built_scores() -> ExpertScores:
     row 0: t0 -> experts (0, 1) gates (0.5, 0.25); t1 -> (0, 2) (0.25, 0.25); t2 -> (3, 0) (0.5, 0.125)
     row 1: t0 -> (1, 2) (0.75, 0.125); t1 -> (1, 3) (0.5, 0.5); t2 (padding) -> (0, 1) (1.0, 1.0)
     """
-    scores = ExpertScores.empty((7,), num_experts=4, top_k=2)
     ids = torch.tensor([[0, 1], [0, 2], [3, 0], [1, 2], [1, 3], [0, 1]])
     gates = torch.tensor([[0.5, 0.25], [0.25, 0.25], [0.5, 0.125], [0.75, 0.125], [0.5, 0.5], [1.0, 1.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    accumulate_batch(scores, {7: 0}, 7, ids, gates, mask)
-    return scores
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    tokens, selections, gate = layer_row_sums(ids, gates, mask, num_experts=4)
+    rows = RowSums(tokens[:, None], selections[:, None], gate[:, None])
+    return add_rows(ExpertScores.empty((7,), num_experts=4, top_k=2), rows)
 
 
 def test_golden_token_and_gate_scores():
