@@ -1,6 +1,7 @@
 """The `esft` command line.
 
     esft inspect deepseek-ai/DeepSeek-V2-Lite
+    esft profile --model deepseek-ai/DeepSeek-V2-Lite --data train.jsonl --out runs/profile
     esft select --scores runs/profile --score-function token --top-p 0.2 --out expert_cfg.json
     esft merge --model deepseek-ai/DeepSeek-V2-Lite --adapter runs/train/adapter --out merged/
     esft quickstart --out runs/quickstart
@@ -85,6 +86,16 @@ def _copy_tokenizer(model: str, out: Path, trust_remote_code: bool) -> None:
     tokenizer.save_pretrained(out)
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from pipeline.config import build_config, read_yaml
+    from pipeline.profile import ProfileConfig, run_profile
+
+    file_values = read_yaml(args.config) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
+    run_profile(build_config(ProfileConfig, file_values, overrides, where=args.config or "profile"))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipeline.quickstart import run_quickstart
 
@@ -102,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_model_args(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("profile", help="profile expert routing of task corpora on Ray Data (scores, summary, heatmaps)")
+    p.add_argument("--config", help="YAML file with these settings; flags override it")
+    p.add_argument("--model", help="hub id or local directory of a supported MoE model")
+    p.add_argument("--data", action="append", help="JSONL / Parquet file or directory, saved HF dataset, or hub name; repeat for several tasks")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--n-sample-tokens", type=int, help="token budget per corpus (default 131072 = 32 x 4096)")
+    p.add_argument("--seq-len", type=int, help="packed row length (default 4096)")
+    p.add_argument("--batch-size", type=int, help="rows per forward (default 4)")
+    p.add_argument("--replicas", type=int, help="model replicas in the actor pool (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, help="GPUs per replica; > 1 splits layers across them (default 0)")
+    p.add_argument("--cpus-per-replica", type=float, help="CPUs reserved per replica")
+    p.add_argument("--seed", type=int, help="shuffling seed (default 0)")
+    p.add_argument("--loss-tokens-only", action="store_true", default=None, help="count only answer tokens")
+    p.add_argument("--template", choices=["reference", "chat"], help="prompt format (default: the reference template)")
+    p.add_argument("--tokenizer", help="tokenizer to use (default: the model's)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace --out if it exists")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_profile, trust_remote_code=None)
 
     p = sub.add_parser("select", help="choose experts from profiled scores (writes expert_cfg.json)")
     p.add_argument("--scores", required=True, help="our scores file, a directory holding one, or a reference summary.json")

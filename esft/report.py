@@ -1,0 +1,87 @@
+"""Human-readable views of expert scores: heatmaps, concentration, task overlap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from esft.scores import ExpertScores, layer_score_dict
+from esft.select import select_top_p
+
+CONCENTRATION_LEVELS = (0.1, 0.2, 0.5)
+
+
+def experts_to_reach(scores_LE: np.ndarray, top_p: float) -> list[int]:
+    """Per layer, how many experts the selection rule takes to reach `top_p` of the score mass."""
+    summary = layer_score_dict(tuple(range(len(scores_LE))), scores_LE)
+    return [len(select_top_p([summary[str(l)][str(e)] for e in range(scores_LE.shape[1])], top_p)) for l in range(len(scores_LE))]
+
+
+def concentration_table(scores: ExpertScores) -> dict:
+    """{"token": {"0.1": [experts per layer], ...}, "gate": {...}, "layers": [...]}."""
+    table: dict = {"layers": list(scores.layers), "num_experts": scores.num_experts}
+    for function in ("token", "gate"):
+        matrix = scores.scores(function)
+        table[function] = {str(p): experts_to_reach(matrix, p) for p in CONCENTRATION_LEVELS}
+    return table
+
+
+def concentration_markdown(table: dict, task: str) -> str:
+    header = "| layer | " + " | ".join(f"token p={p}" for p in CONCENTRATION_LEVELS) + " | " + " | ".join(
+        f"gate p={p}" for p in CONCENTRATION_LEVELS
+    ) + " |"
+    lines = [f"# Routing concentration: {task}", "",
+             f"Experts (of {table['num_experts']}) needed per layer to reach a share p of the score mass.", "",
+             header, "|" + "---|" * (1 + 2 * len(CONCENTRATION_LEVELS))]
+    for i, layer in enumerate(table["layers"]):
+        cells = [str(table[f][str(p)][i]) for f in ("token", "gate") for p in CONCENTRATION_LEVELS]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def overlap(a: ExpertScores, b: ExpertScores, function: str = "token", top_p: float = 0.2) -> list[int]:
+    """Per layer, how many experts the two tasks' selections share (the paper's Fig. 2 question)."""
+    sel_a = experts_sets(a, function, top_p)
+    sel_b = experts_sets(b, function, top_p)
+    return [len(x & y) for x, y in zip(sel_a, sel_b)]
+
+
+def experts_sets(scores: ExpertScores, function: str, top_p: float) -> list[set[int]]:
+    matrix = scores.scores(function)
+    summary = layer_score_dict(scores.layers, matrix)
+    return [set(select_top_p([summary[str(l)][str(e)] for e in range(scores.num_experts)], top_p)) for l in scores.layers]
+
+
+def save_heatmaps(scores: ExpertScores, out_dir: Path, task: str) -> list[Path]:
+    """One PNG per score function: layers x experts, darker = more relevant, selected experts
+    (token p = 0.2 / gate p = 0.1, the paper's defaults) outlined."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for function, top_p in (("token", 0.2), ("gate", 0.1)):
+        matrix = scores.scores(function)
+        selected = experts_sets(scores, function, top_p)
+        width = min(24.0, max(7.0, 2.0 + 0.18 * scores.num_experts))
+        height = min(16.0, 1.5 + 0.3 * len(scores.layers))
+        fig, ax = plt.subplots(figsize=(width, height))
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+        for row, chosen in enumerate(selected):
+            for expert in chosen:
+                ax.add_patch(plt.Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
+        ax.set_yticks(range(len(scores.layers)), [str(l) for l in scores.layers])
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("routed expert")
+        ax.set_ylabel("decoder layer")
+        ax.set_title(f"{task}: {function} scores over {scores.total_tokens:,} tokens; red = selected at p={top_p}", fontsize=10)
+        fig.colorbar(image, ax=ax, label=f"{function} score")
+        fig.tight_layout()
+        path = out_dir / f"heatmap_{function}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,273 @@
+"""Distributed expert profiling on Ray Data.
+
+    esft profile --model deepseek-ai/DeepSeek-V2-Lite --data datasets/train/intent.jsonl --out runs/profile
+
+Ray Data reads and shuffles each corpus (seeded), tokenizes and packs it in CPU tasks, and
+streams the packed rows through an actor pool of model replicas (each loads the model once; a
+replica may span several GPUs, layers split across them). Every batch comes back as small
+per-row raw sums, which the driver merges in the stream's fixed order until the token budget is
+reached: the result does not depend on the number of replicas. The corpus is never gathered
+on the driver.
+
+Outputs in --out (in --out/<task> when several corpora are given): `expert_scores.json` (raw,
+mergeable sums), the reference `summary.json`, `heatmap_token.png` / `heatmap_gate.png`,
+`concentration.md` / `.json`; with several corpora also `overlap.md` / `.json`. Selection is
+its own stage: `esft select --scores DIR ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from esft.io import atomic_directory, atomic_write_text
+from esft.report import concentration_markdown, concentration_table, overlap, save_heatmaps
+from esft.scores import SCORES_FILENAME, SUMMARY_FILENAME, ExpertScores, RowSums, ScoresError, add_rows
+from pipeline.config import ConfigError
+from pipeline.data import Source, check_readable, packed_dataset, resolve_source, unique_task_names
+
+log = logging.getLogger("esft")
+
+
+@dataclass
+class ProfileConfig:
+    model: str = ""
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    n_sample_tokens: int = 131072  # the paper: 32 rows x 4096 tokens
+    seq_len: int = 4096
+    batch_size: int = 4
+    replicas: int = 1
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float | None = None  # default: leave one CPU of the node for reading
+    seed: int = 0
+    loss_tokens_only: bool = False
+    template: str = "reference"  # or "chat": the tokenizer's chat template
+    tokenizer: str | None = None  # default: the model's own
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("profile: --model is required")
+        if not self.data:
+            raise ConfigError("profile: give at least one --data corpus")
+        if not self.out:
+            raise ConfigError("profile: --out is required")
+        for name in ("n_sample_tokens", "seq_len", "batch_size", "replicas"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"profile: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.gpus_per_replica < 0:
+            raise ConfigError("profile: gpus_per_replica must be >= 0")
+        if self.template not in ("reference", "chat"):
+            raise ConfigError(f"profile: template must be 'reference' or 'chat', got {self.template!r}")
+        if self.model.startswith("tiny:") and not self.tokenizer:
+            raise ConfigError("profile: built-in tiny models have no tokenizer; pass --tokenizer DIR")
+
+
+class RoutingProfiler:
+    """A model replica in the actor pool: packed rows in, per-row routing sums out."""
+
+    def __init__(self, config: dict):
+        import torch
+
+        from esft.model import load_model
+
+        torch.set_num_threads(config["threads"])
+        device_map = "auto" if config["gpus_per_replica"] > 0 else None
+        self.model = load_model(config["model"], dtype=config["dtype"], trust_remote_code=config["trust_remote_code"],
+                                device_map=device_map).eval()
+        self.device = next(self.model.parameters()).device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from esft.scores import profile_rows
+
+        def tensor(name):
+            return torch.from_numpy(np.array(batch[name], dtype=np.int64)).to(self.device)
+
+        sums = profile_rows(self.model, tensor("input_ids"), tensor("attention_mask"), tensor("token_mask"))
+        return {
+            "tokens": sums.tokens_BL,
+            "selections": sums.selections_BLE,
+            "gate_mass_fixed": sums.gate_mass_fixed_BLE,
+            "skipped_rows": batch["skipped_rows"],
+            "skipped_example": batch["skipped_example"],
+        }
+
+
+@dataclass
+class TaskProfile:
+    task: str
+    source: str
+    scores: ExpertScores
+    skipped_rows: int
+    skipped_example: str
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.scores.total_tokens / max(self.seconds, 1e-9)
+
+
+def _placement(config: ProfileConfig) -> dict:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+    if config.gpus_per_replica * config.replicas > gpus:
+        raise ConfigError(
+            f"profile: {config.replicas} replicas x {config.gpus_per_replica} GPUs need "
+            f"{config.replicas * config.gpus_per_replica:g} GPUs; the cluster has {gpus:g} GPUs "
+            "(lower --replicas or --gpus-per-replica, or add GPU nodes)"
+        )
+    if config.cpus_per_replica is not None:
+        per_replica = config.cpus_per_replica
+    elif config.gpus_per_replica > 0:
+        per_replica = 1.0
+    else:  # CPU replicas: leave one CPU for reading and packing, or the stream starves (ARCHITECTURE §6)
+        per_replica = max(0.25, (cpus - 1) / config.replicas)
+    threads = max(1, int(os.cpu_count() or 1) // config.replicas) if config.gpus_per_replica == 0 else 2
+    return {"num_cpus": per_replica, "threads": threads}
+
+
+def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertScores) -> TaskProfile:
+    """Stream one corpus through the replicas until the token budget is reached."""
+    from ray.data import ActorPoolStrategy
+
+    placement = _placement(config)
+    dataset = packed_dataset(
+        source, tokenizer=config.tokenizer or config.model, trust_remote_code=config.trust_remote_code,
+        template=config.template, seq_len=config.seq_len, seed=config.seed, max_tokens=config.n_sample_tokens,
+        loss_tokens_only=config.loss_tokens_only,
+    ).map_batches(
+        RoutingProfiler,
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=config.replicas),
+        num_cpus=placement["num_cpus"],
+        num_gpus=config.gpus_per_replica or None,
+        fn_constructor_kwargs={"config": {**asdict(config), "threads": placement["threads"]}},
+    )
+    scores = ExpertScores.empty(template_scores.layers, template_scores.num_experts, template_scores.top_k,
+                                dict(template_scores.metadata))
+    started, last_report, rows_used, skipped, example = time.perf_counter(), 0.0, 0, 0, ""
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        skipped += int(batch["skipped_rows"].sum())
+        example = example or next((str(e) for e in batch["skipped_example"] if e), "")
+        rows = RowSums(batch["tokens"], batch["selections"], batch["gate_mass_fixed"])
+        for b in range(len(rows)):
+            if scores.total_tokens >= config.n_sample_tokens:
+                break
+            add_rows(scores, rows.row(b))
+            rows_used += 1
+        now = time.perf_counter()
+        if now - last_report > 5:
+            last_report = now
+            log.info("  %s: %d rows, %d/%d tokens, %.0f tokens/s", source.task, rows_used, scores.total_tokens,
+                     config.n_sample_tokens, scores.total_tokens / (now - started))
+        if scores.total_tokens >= config.n_sample_tokens:
+            break
+    seconds = time.perf_counter() - started
+    if scores.total_tokens == 0:
+        raise ScoresError(f"{source.spec}: no usable tokens to profile (skipped {skipped} malformed rows{': ' + example if example else ''})")
+    if scores.total_tokens < config.n_sample_tokens:
+        log.warning("  %s: the corpus holds only %d of the %d tokens asked for; profiled all of it",
+                    source.task, scores.total_tokens, config.n_sample_tokens)
+    if skipped:
+        log.warning("  %s: skipped %d malformed rows, e.g. %s", source.task, skipped, example)
+    scores.metadata.update({
+        "data": source.spec, "task": source.task, "seed": config.seed, "seq_len": config.seq_len,
+        "n_sample_tokens": config.n_sample_tokens, "tokens_used": scores.total_tokens, "rows_used": rows_used,
+        "loss_tokens_only": config.loss_tokens_only, "template": config.template, "skipped_rows": skipped,
+    })
+    return TaskProfile(source.task, source.spec, scores, skipped, example, seconds)
+
+
+def write_task_outputs(result: TaskProfile, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.scores.save(out_dir / SCORES_FILENAME)
+    atomic_write_text(out_dir / SUMMARY_FILENAME, json.dumps(result.scores.to_summary()))
+    table = concentration_table(result.scores)
+    atomic_write_text(out_dir / "concentration.json", json.dumps(table, indent=1))
+    atomic_write_text(out_dir / "concentration.md", concentration_markdown(table, result.task))
+    save_heatmaps(result.scores, out_dir, result.task)
+
+
+def overlap_report(results: list[TaskProfile]) -> tuple[dict, str]:
+    """Selected experts (token p = 0.2) shared by each pair of tasks, per layer."""
+    pairs = {}
+    lines = ["# Expert overlap between tasks (token score, p = 0.2)", "",
+             "| tasks | shared experts per layer | mean shared | mean selected (a, b) |", "|---|---|---|---|"]
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            shared = overlap(a.scores, b.scores)
+            pairs[f"{a.task}|{b.task}"] = shared
+            sel_a = concentration_table(a.scores)["token"]["0.2"]
+            sel_b = concentration_table(b.scores)["token"]["0.2"]
+            lines.append(f"| {a.task} / {b.task} | {' '.join(map(str, shared))} | {np.mean(shared):.2f} | "
+                         f"{np.mean(sel_a):.2f}, {np.mean(sel_b):.2f} |")
+    return {"top_p": 0.2, "score_function": "token", "pairs": pairs}, "\n".join(lines) + "\n"
+
+
+def run_profile(config: ProfileConfig) -> list[TaskProfile]:
+    """Validate everything, profile every corpus, then write all outputs at once."""
+    config.validate()
+    sources = unique_task_names([resolve_source(spec) for spec in config.data])
+    for source in sources:
+        check_readable(source)
+    template = _empty_scores_for_model(config)
+    from pipeline.data import cached_tokenizer
+
+    cached_tokenizer(config.tokenizer or config.model, config.trust_remote_code)  # fail now, not in a worker
+    with atomic_directory(config.out, overwrite=config.overwrite) as tmp:
+        _ensure_ray()
+        results = []
+        for source in sources:
+            log.info("profiling %s (%s) on %s, budget %d tokens", source.task, source.spec, config.model, config.n_sample_tokens)
+            result = profile_task(config, source, template)
+            results.append(result)
+            log.info("  %s: %d tokens in %d rows, %.1fs (%.0f tokens/s)", result.task, result.scores.total_tokens,
+                     result.scores.metadata["rows_used"], result.seconds, result.tokens_per_second)
+        several = len(results) > 1
+        for result in results:
+            write_task_outputs(result, tmp / result.task if several else tmp)
+        if several:
+            report, markdown = overlap_report(results)
+            atomic_write_text(tmp / "overlap.json", json.dumps(report, indent=1))
+            atomic_write_text(tmp / "overlap.md", markdown)
+    total = sum(r.scores.total_tokens for r in results)
+    log.info("profiled %d corpora, %d tokens -> %s ; next: esft select --scores %s --score-function token --top-p 0.2 --out expert_cfg.json",
+             len(results), total, config.out, Path(config.out) / results[0].task if len(results) > 1 else config.out)
+    return results
+
+
+def _empty_scores_for_model(config: ProfileConfig) -> ExpertScores:
+    """Shape the scores from the model's structure alone (no weights) and check it is MoE."""
+    from esft.families import family_of, moe_layers, num_experts, top_k
+    from esft.model import load_skeleton
+
+    skeleton = load_skeleton(config.model, trust_remote_code=config.trust_remote_code)
+    layers = moe_layers(skeleton)
+    metadata = {"model": config.model, "family": family_of(skeleton).name}
+    return ExpertScores.empty(tuple(l.index for l in layers), num_experts(layers[0]), top_k(layers[0]), metadata)
+
+
+def _ensure_ray() -> None:
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress lines replace its INFO logs
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows merge in a fixed order, whatever the replicas
+    context.enable_progress_bars = False  # the driver prints its own progress

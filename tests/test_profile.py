@@ -1,0 +1,159 @@
+"""Distributed profiling on a local Ray (2 CPUs): exactness, replica independence, budget, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from esft.scores import ExpertScores, RowSums, ScoresError, add_rows, profile_rows
+from esft.select import load_layer_scores, select_experts
+from esft.tiny import tiny_model, tiny_tokenizer
+from pipeline.data import pack_block
+from pipeline.profile import ProfileConfig, run_profile
+from pipeline.quickstart import arithmetic_corpus
+
+ray = pytest.importorskip("ray")
+
+SEQ_LEN, BATCH = 64, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny DeepSeek-V2 with a tokenizer, saved as a model directory, and two task corpora."""
+    root = tmp_path_factory.mktemp("profile")
+    corpus = arithmetic_corpus(120, seed=1)
+    tokenizer = tiny_tokenizer([m["content"] for row in corpus for m in row["messages"]], vocab_size=400)
+    model = tiny_model("deepseek_v2", vocab_size=len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    math = root / "math.jsonl"
+    math.write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    chat = root / "chat.jsonl"
+    chat.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"Say hello to person {i}."},
+                                 {"role": "assistant", "content": f"Hello, person number {i}! Have a nice day."}]}) + "\n"
+        for i in range(80)
+    ))
+    return {"root": root, "model": str(root / "model"), "math": str(math), "chat": str(chat), "tokenizer": tokenizer}
+
+
+def config(assets, out, **overrides) -> ProfileConfig:
+    values = dict(model=assets["model"], data=[assets["math"]], out=str(out), n_sample_tokens=1500,
+                  seq_len=SEQ_LEN, batch_size=BATCH, seed=3)
+    return ProfileConfig(**{**values, **overrides})
+
+
+def single_process_scores(assets, budget: int) -> ExpertScores:
+    """The same packed rows, profiled in this process with the same batch boundaries."""
+    lines = [line for line in open(assets["math"]).read().splitlines()]
+    packed = pack_block(pa.table({"text": lines}), kind="jsonl", where=assets["math"], tokenizer=assets["model"],
+                        trust_remote_code=False, template="reference", seq_len=SEQ_LEN, seed=3, max_tokens=budget,
+                        loss_tokens_only=False)
+    model = tiny_model("deepseek_v2", vocab_size=len(assets["tokenizer"]))
+    scores = ExpertScores.empty((1, 2, 3), 16, 2)
+    for start in range(0, len(packed["input_ids"]), BATCH):
+        part = {k: torch.from_numpy(packed[k][start:start + BATCH]).long() for k in ("input_ids", "attention_mask", "token_mask")}
+        rows = profile_rows(model, part["input_ids"], part["attention_mask"], part["token_mask"])
+        for b in range(len(rows)):
+            if scores.total_tokens < budget:
+                add_rows(scores, rows.row(b))
+    return scores
+
+
+def test_pipeline_sums_equal_single_process_and_do_not_depend_on_replicas(assets, tmp_path):
+    one = run_profile(config(assets, tmp_path / "one", replicas=1))[0].scores
+    two = run_profile(config(assets, tmp_path / "two", replicas=2))[0].scores
+    expected = single_process_scores(assets, 1500)
+    for result in (one, two):
+        assert np.array_equal(result.selections_LE, expected.selections_LE)
+        assert np.array_equal(result.gate_mass_fixed_LE, expected.gate_mass_fixed_LE)
+        assert np.array_equal(result.tokens_L, expected.tokens_L)
+        assert np.array_equal(result.seq_mean_gate_LE, expected.seq_mean_gate_LE)
+    # budget: stop at the first row that reaches it
+    assert 1500 <= one.total_tokens < 1500 + SEQ_LEN
+    assert one.metadata["tokens_used"] == one.total_tokens
+    for function in ("token", "gate"):
+        a = select_experts(load_layer_scores(tmp_path / "one", function), top_p=0.2)
+        b = select_experts(load_layer_scores(tmp_path / "two", function), top_p=0.2)
+        assert a == b
+
+
+def test_outputs_and_multi_task_overlap(assets, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="esft")
+    out = tmp_path / "multi"
+    results = run_profile(config(assets, out, data=[assets["math"], assets["chat"]], n_sample_tokens=100_000))
+    assert [r.task for r in results] == ["math", "chat"]
+    for task in ("math", "chat"):
+        names = {p.name for p in (out / task).iterdir()}
+        assert {"expert_scores.json", "summary.json", "heatmap_token.png", "heatmap_gate.png",
+                "concentration.md", "concentration.json"} <= names
+        summary = json.loads((out / task / "summary.json").read_text())
+        assert list(summary["token_scores"]) == ["1", "2", "3"]
+    overlap = json.loads((out / "overlap.json").read_text())
+    shared = overlap["pairs"]["math|chat"]
+    assert len(shared) == 3 and all(0 <= n <= 16 for n in shared)
+    # a budget larger than the data is a warning, and the whole corpus is used
+    assert "holds only" in caplog.text
+    assert results[1].scores.metadata["tokens_used"] < 100_000
+
+
+def test_loss_tokens_only_counts_fewer_tokens(assets, tmp_path):
+    everything = run_profile(config(assets, tmp_path / "all", n_sample_tokens=10**6))[0].scores
+    answers = run_profile(config(assets, tmp_path / "loss", n_sample_tokens=10**6, loss_tokens_only=True))[0].scores
+    assert 0 < answers.total_tokens < everything.total_tokens
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(assets, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="no such file"):
+        run_profile(config(assets, out, data=[str(tmp_path / "missing.jsonl")]))
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("this is not json\n")
+    with pytest.raises(ValueError, match=r"garbage.jsonl:1"):
+        run_profile(config(assets, out, data=[str(garbage)]))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        run_profile(config(assets, out, batch_size=0))
+    llama = tmp_path / "llama"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=2, num_attention_heads=2)).save_pretrained(llama)
+    with pytest.raises(ValueError, match="unsupported model family 'llama'"):
+        run_profile(config(assets, out, model=str(llama)))
+    with pytest.raises(ValueError, match="the cluster has 0 GPUs"):
+        run_profile(config(assets, out, gpus_per_replica=1))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_zero_usable_tokens_is_an_error(assets, tmp_path):
+    import pyarrow.parquet as pq
+
+    wrong_columns = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"question": ["q1", "q2"], "answer": ["a1", "a2"]}), wrong_columns)
+    with pytest.raises(ScoresError, match=r"no usable tokens to profile \(skipped 2 malformed rows: .*wrong.parquet"):
+        run_profile(config(assets, tmp_path / "out", data=[str(wrong_columns)]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_profile_then_select(assets, tmp_path):
+    from pipeline.cli import main as esft
+
+    out = tmp_path / "cli"
+    assert esft(["profile", "--model", assets["model"], "--data", assets["chat"], "--out", str(out),
+                 "--n-sample-tokens", "500", "--seq-len", str(SEQ_LEN)]) == 0
+    assert esft(["select", "--scores", str(out), "--score-function", "gate", "--top-p", "0.1",
+                 "--out", str(tmp_path / "cfg.json")]) == 0
+    assert set(json.loads((tmp_path / "cfg.json").read_text())["experts"]) == {"1", "2", "3"}
