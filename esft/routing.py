@@ -42,6 +42,8 @@ def routing_hooks(model: nn.Module, on_routing: RoutingCallback, layers: list[Mo
 def run_decoder(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
     """Run the decoder stack only: profiling needs the routers, not the LM head's logits."""
     decoder = getattr(model, "model", model)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # full rows: let attention take its causal fast path, no 4D mask
     decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 

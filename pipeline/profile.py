@@ -80,7 +80,7 @@ class RoutingProfiler:
 
         from esft.model import load_model
 
-        torch.set_num_threads(config["threads"])
+        self.threads = config["threads"]
         device_map = "auto" if config["gpus_per_replica"] > 0 else None
         self.model = load_model(config["model"], dtype=config["dtype"], trust_remote_code=config["trust_remote_code"],
                                 device_map=device_map).eval()
@@ -90,6 +90,10 @@ class RoutingProfiler:
         import torch
 
         from esft.scores import profile_rows
+
+        # Ray Data runs this method on its own worker thread, and OpenMP thread counts are
+        # per-thread state (Ray starts workers with OMP_NUM_THREADS=1): set it where we compute.
+        torch.set_num_threads(self.threads)
 
         def tensor(name):
             return torch.from_numpy(np.array(batch[name], dtype=np.int64)).to(self.device)
@@ -111,7 +115,7 @@ class TaskProfile:
     scores: ExpertScores
     skipped_rows: int
     skipped_example: str
-    seconds: float
+    seconds: float  # from building the pipeline to the last merged row
 
     @property
     def tokens_per_second(self) -> float:

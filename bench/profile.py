@@ -1,0 +1,174 @@
+"""Profiling throughput: our Ray Data pipeline vs the bare forward vs the reference's loop.
+
+    python bench/profile.py [--tokens 262144] [--seq-len 256] [--batch-size 4]
+
+One process, one model (built from bench/configs/profile_model.json, saved with a tokenizer
+trained on the corpus), one generated corpus. Tokens per second of:
+  (a) bare_forward: the decoder stack alone under inference_mode, over the pipeline's own packed
+      rows at the same batch size and length (no LM head, no routing capture): the limit;
+  (b) pipeline: `run_profile` end to end on a local Ray (reading, tokenizing, packing, actor
+      start-up and model load, routing capture, merging);
+  (c) reference_loop: the reference profiler re-enacted: one sample per forward (batch 1, full
+      model with labels), each MoE layer's routing appended to a per-layer text file, then the
+      files parsed into scores.
+Prints (ARCHITECTURE §7) `pipeline_over_bare_forward` = (b)/(a) and
+`pipeline_over_reference_loop` = (b)/(c).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the standard library's `profile` module, which torch and transformers
+# import indirectly; take this script's folder off the import path so theirs is found.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from esft.data import pack_samples, read_conversations, tokenize_conversations  # noqa: E402
+from esft.families import moe_layers  # noqa: E402
+from esft.routing import routing_hooks  # noqa: E402
+from esft.tiny import tiny_tokenizer  # noqa: E402
+from pipeline.profile import ProfileConfig, run_profile  # noqa: E402
+from pipeline.quickstart import arithmetic_corpus  # noqa: E402
+
+CONFIG = Path(__file__).parent / "configs" / "profile_model.json"
+
+
+def build_assets(root: Path, n_samples: int) -> tuple[Path, Path]:
+    corpus = arithmetic_corpus(n_samples, seed=0)
+    data = root / "task.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in corpus))
+    tokenizer = tiny_tokenizer([m["content"] for row in corpus[:2000] for m in row["messages"]], vocab_size=1000)
+    values = json.loads(CONFIG.read_text())
+    config = AutoConfig.for_model(values.pop("model_type"), vocab_size=len(tokenizer), **values)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # routers initialised to zero route by tie-breaking; give them a scale
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model", data
+
+
+def packed_batches(model_dir: Path, data: Path, seq_len: int, batch_size: int, tokens: int) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = pack_samples(tokenize_conversations(read_conversations(data), tokenizer), seq_len,
+                        pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)
+    ids = torch.tensor([r.input_ids for r in rows[: max(1, tokens // seq_len)]])
+    return list(ids.split(batch_size))
+
+
+def bare_forward(model, batches: list[torch.Tensor]) -> float:
+    with torch.inference_mode():
+        model.model(input_ids=batches[0])  # warm-up
+        start = time.perf_counter()
+        for batch in batches:
+            model.model(input_ids=batch)
+        seconds = time.perf_counter() - start
+    return sum(b.numel() for b in batches) / seconds
+
+
+def reference_loop(model, model_dir: Path, data: Path, tokens: int, log_dir: Path) -> float:
+    """The reference's get_expert_scores.py, re-enacted: per sample forward, routing logged to
+    text files by the model, then parsed."""
+    from transformers import AutoTokenizer
+
+    from esft.data import format_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    layers = moe_layers(model)
+    top_k, n_experts = layers[0].router.top_k, layers[0].experts.num_experts
+    handles = {layer.index: open(log_dir / f"expert_weights_{layer.index}.txt", "w") for layer in layers}
+
+    def log_routing(index, ids, weights):
+        for token_ids, token_weights in zip(ids.tolist(), weights.tolist()):
+            handles[index].write("\t".join(map(str, token_ids)) + "\t\t" + "\t".join(map(str, token_weights)) + "\n")
+
+    start = time.perf_counter()
+    done = 0
+    with torch.no_grad(), routing_hooks(model, log_routing, layers):
+        for conversation in read_conversations(data):
+            sample = format_reference(conversation, tokenizer)
+            input_ids = torch.tensor(sample.input_ids).unsqueeze(0)
+            model(input_ids=input_ids, labels=torch.tensor(sample.labels).unsqueeze(0))
+            done += len(sample.input_ids)
+            if done >= tokens:
+                break
+    for handle in handles.values():
+        handle.close()
+    for index in handles:  # the reference's summary step
+        gate, token = np.zeros(n_experts), np.zeros(n_experts)
+        for line in open(log_dir / f"expert_weights_{index}.txt"):
+            ids, weights = line.split("\t\t")
+            for e, w in zip(map(int, ids.split("\t")), map(float, weights.split("\t"))):
+                gate[e] += w
+                token[e] += 1.0 / top_k
+    return done / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=262144)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--reference-tokens", type=int, default=8192, help="the reference loop is slow; time it on fewer tokens")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir, data = build_assets(root, n_samples=max(2000, args.tokens // 20))
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        batches = packed_batches(model_dir, data, args.seq_len, args.batch_size, args.tokens)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.model(input_ids=batches[0])
+            batch_seconds = time.perf_counter() - start
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        start = time.perf_counter()
+        result = run_profile(ProfileConfig(model=str(model_dir), data=[str(data)], out=str(root / "profile"),
+                                           n_sample_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size))[0]
+        pipeline_seconds = time.perf_counter() - start
+        ray.shutdown()
+        pipeline = result.scores.total_tokens / pipeline_seconds
+        bare = bare_forward(model, batches)
+        (root / "ref").mkdir()
+        reference = reference_loop(model, model_dir, data, args.reference_tokens, root / "ref")
+
+    print(json.dumps({
+        "ratios": {
+            "pipeline_over_bare_forward": pipeline / bare,
+            "pipeline_over_reference_loop": pipeline / reference,
+        },
+        "raw": {
+            "tokens_per_second": {"bare_forward": bare, "pipeline": pipeline, "reference_loop": reference},
+            "pipeline_seconds": pipeline_seconds,
+            "pipeline_tokens": result.scores.total_tokens,
+            "forward_seconds_per_batch": batch_seconds,
+        },
+        "config": {"model": json.loads(CONFIG.read_text()), "tokens": args.tokens, "seq_len": args.seq_len,
+                   "batch_size": args.batch_size, "reference_tokens": args.reference_tokens,
+                   "cpus": os.cpu_count(), "device": "cpu"},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
