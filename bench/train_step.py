@@ -18,13 +18,19 @@ a `<size>.` prefix for every size run.
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import os
-import statistics
 import sys
-import time
+from pathlib import Path
+
+# bench/profile.py is named like the standard library's `profile` module, which torch imports
+# indirectly; keep this folder off the import path so the standard one is found.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 
 # glibc returns large freed blocks to the OS and page-faults them in again on the next
 # allocation; on CPU that noise is a large share of a step and lands unevenly on the variants.
@@ -34,14 +40,13 @@ _ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_"
 if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _ALLOCATOR_ENV.items()):
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ALLOCATOR_ENV})
 
-import torch
+import torch  # noqa: E402
 
-from esft.scores import profile_batch
-from esft.select import select_experts
-from esft.scores import layer_score_dict
-from esft.tiny import tiny_model
-from esft.trainable import apply_expert_config
-from esft.training import make_optimizer
+from esft.scores import layer_score_dict, profile_batch  # noqa: E402
+from esft.select import select_experts  # noqa: E402
+from esft.tiny import tiny_model  # noqa: E402
+from esft.trainable import apply_expert_config  # noqa: E402
+from esft.training import make_optimizer  # noqa: E402
 
 # A DeepSeek-V2-shaped MoE where routed experts dominate the step: 32 fine-grained experts,
 # top-4, one shared expert, every layer MoE. "small" is the tests' tiny config.

@@ -125,6 +125,25 @@ def _trainable(experts: nn.Module, name: str, dtype: torch.dtype) -> torch.Tenso
     return getattr(experts, TRAINABLE_PREFIX + name).to(dtype)
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """Sorted (token, expert) pairs that share a weight tensor: frozen fused, or trainable rows."""
+
+    trainable: bool
+    rows: torch.Tensor  # row of each pair in that tensor
+    offsets: torch.Tensor  # int32 end offset of each row's group, for grouped GEMMs
+
+
+def _project(experts: nn.Module, segment: _Segment, x: torch.Tensor, name: str) -> torch.Tensor:
+    dtype = x.dtype
+    weight = _trainable(experts, name, dtype) if segment.trainable else getattr(experts, name)
+    bias = None
+    if experts.has_bias:
+        biases = _trainable(experts, name + "_bias", dtype) if segment.trainable else getattr(experts, name + "_bias")
+        bias = biases[segment.rows]
+    return _grouped_linear(x, weight, segment.offsets, bias=bias, is_transposed=experts.is_transposed)
+
+
 def _grouped_forward(experts, hidden_TH, topk_ids_TK, topk_weights_TK):
     """Grouped GEMMs over two segments of (token, expert) pairs: those routed to frozen experts,
     then those routed to trainable ones. One sort by (frozen id | E + slot) forms both segments;
@@ -147,18 +166,9 @@ def _grouped_forward(experts, hidden_TH, topk_ids_TK, topk_weights_TK):
     ):
         if seg.start == seg.stop:
             continue
-        offsets = torch.cumsum(seg_counts, 0, dtype=torch.int32)
-        rows = key_sorted_S[seg] - first_id
-
-        def project(x, name):
-            weight = _trainable(experts, name, dtype) if trainable else getattr(experts, name)
-            bias = None
-            if experts.has_bias:
-                bias = (_trainable(experts, name + "_bias", dtype) if trainable else getattr(experts, name + "_bias"))[rows]
-            return _grouped_linear(x, weight, offsets, bias=bias, is_transposed=experts.is_transposed)
-
-        h = experts._apply_gate(project(hidden_TH[token_S[seg]], "gate_up_proj"))
-        outputs.append(project(h, "down_proj") * weight_S[seg].unsqueeze(-1))
+        segment = _Segment(trainable, key_sorted_S[seg] - first_id, torch.cumsum(seg_counts, 0, dtype=torch.int32))
+        h = experts._apply_gate(_project(experts, segment, hidden_TH[token_S[seg]], "gate_up_proj"))
+        outputs.append(_project(experts, segment, h, "down_proj") * weight_S[seg].unsqueeze(-1))
 
     out_SH = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     inverse = torch.empty_like(perm_S)

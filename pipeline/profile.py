@@ -76,8 +76,6 @@ class RoutingProfiler:
     """A model replica in the actor pool: packed rows in, per-row routing sums out."""
 
     def __init__(self, config: dict):
-        import torch
-
         from esft.model import load_model
 
         self.threads = config["threads"]

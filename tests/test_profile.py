@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from esft.scores import ExpertScores, RowSums, ScoresError, add_rows, profile_rows
+from esft.scores import ExpertScores, ScoresError, add_rows, profile_rows
 from esft.select import load_layer_scores, select_experts
 from esft.tiny import tiny_model, tiny_tokenizer
 from pipeline.data import pack_block

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from esft.scores import ExpertScores, ScoresError
+from esft.scores import ScoresError
 from esft.select import (
     ExpertConfig,
     SelectionError,
