@@ -96,6 +96,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import build_config, read_yaml
+    from pipeline.train import TrainConfig, run_train
+
+    file_values = read_yaml(args.config) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
+    run_train(build_config(TrainConfig, file_values, overrides, where=args.config or "train"))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipeline.quickstart import run_quickstart
 
@@ -133,6 +143,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace --out if it exists")
     _add_model_args(p)
     p.set_defaults(func=cmd_profile, trust_remote_code=None)
+
+    p = sub.add_parser("train", help="fine-tune on Ray Train + DeepSpeed: ESFT (selected experts), FFT or LoRA")
+    p.add_argument("--config", help="YAML file with these settings; flags override it")
+    p.add_argument("--model", help="hub id or local directory of a supported MoE model")
+    p.add_argument("--data", help="task training data (JSONL, Parquet, saved HF dataset or hub name)")
+    p.add_argument("--expert-config", help="expert_cfg.json from `esft select` (method esft)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--method", choices=["esft", "fft", "lora"])
+    p.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, bf16 with fp32 masters")
+    p.add_argument("--deepspeed", help="zero0 | zero1 | zero2 (default) | zero3 | a DeepSpeed JSON file")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float, help="default: the paper's (ESFT 1e-5, FFT 3e-5, LoRA 1e-4)")
+    p.add_argument("--batch-size", type=int, help="rows per worker per micro-step")
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-data", help="validation data (default: a held-out split of --data)")
+    p.add_argument("--general-data", help="general-domain data whose loss tracks forgetting")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    p.add_argument("--max-failures", type=int, help="worker failures to survive (default 2)")
+    p.add_argument("--tokenizer", help="default: the model's")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    _add_model_args(p)
+    p.set_defaults(func=cmd_train, trust_remote_code=None)
 
     p = sub.add_parser("select", help="choose experts from profiled scores (writes expert_cfg.json)")
     p.add_argument("--scores", required=True, help="our scores file, a directory holding one, or a reference summary.json")

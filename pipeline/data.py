@@ -199,3 +199,29 @@ def packed_dataset(source: Source, *, tokenizer: str, trust_remote_code: bool, t
             ),
         )
     )
+
+
+def load_conversations(spec: str) -> list:
+    """All conversations of a (task-sized) corpus, on the driver, with row-numbered errors. Used
+    where training needs a fixed, reproducible order of packed rows."""
+    from esft.data import read_conversations
+
+    source = resolve_source(spec)
+    if source.kind == "jsonl":
+        paths = [Path(spec)] if Path(spec).is_file() else sorted(Path(spec).glob("*.jsonl"))
+        return [c for path in paths for c in read_conversations(path)]
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(spec).to_pylist()
+    else:
+        import datasets
+
+        hf = datasets.load_from_disk(spec) if source.kind == "hf_disk" else datasets.load_dataset(spec, split="train")
+        if isinstance(hf, datasets.DatasetDict):
+            hf = hf["train"] if "train" in hf else next(iter(hf.values()))
+        records = list(hf)
+    conversations = [parse_record(_plain(record), f"{spec}: row {i}") for i, record in enumerate(records)]
+    if not conversations:
+        raise DataError(f"{spec}: no rows; give a corpus with at least one conversation")
+    return conversations
