@@ -1,0 +1,154 @@
+"""Training on Ray Train + DeepSpeed (2 CPU workers, ZeRO-2): learning, frozen weights, exact
+recovery after a worker dies, resume, and the FFT / LoRA baselines through the same path."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from esft.adapter import load_adapter
+from esft.families import moe_layers
+from esft.select import ExpertConfig
+from esft.tiny import tiny_model, tiny_tokenizer
+from esft.trainable import merge_adapter
+from pipeline.config import ConfigError
+from pipeline.deepspeed_config import PRESETS, preset
+from pipeline.quickstart import arithmetic_corpus
+from pipeline.train import FAULT_ENV, TrainConfig, run_train
+
+ray = pytest.importorskip("ray")
+EXPERTS = {"1": [0, 5], "2": [3], "3": [7, 8, 9]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    corpus = arithmetic_corpus(200, seed=2)
+    tokenizer = tiny_tokenizer([m["content"] for row in corpus for m in row["messages"]], vocab_size=400)
+    model = tiny_model("deepseek_v2", vocab_size=len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus[:180]))
+    (root / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arithmetic_corpus(20, seed=9)))
+    ExpertConfig(EXPERTS).save(root / "expert_cfg.json")
+    return root
+
+
+def config(assets, out, **overrides) -> TrainConfig:
+    values = dict(model=str(assets / "model"), data=str(assets / "train.jsonl"), expert_config=str(assets / "expert_cfg.json"),
+                  out=str(out), workers=2, deepspeed="zero2", steps=8, save_every=4, eval_every=4, seq_len=64,
+                  batch_size=2, lr=2e-3, general_data=str(assets / "general.jsonl"), eval_rows=8)
+    return TrainConfig(**{**values, **overrides})
+
+
+def adapter_tensors(directory) -> dict[str, torch.Tensor]:
+    with safe_open(directory / "model.safetensors", "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "esft"
+    return out, run_train(config(assets, out))
+
+
+def test_esft_learns_and_touches_only_the_selected_experts(assets, uninterrupted):
+    out, metrics = uninterrupted
+    history = metrics["history"]
+    assert [r["step"] for r in history] == list(range(1, 9))
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert metrics["final_valid_loss"] < history[0]["loss"] and "general_loss" in history[-1]
+    assert metrics["trainable_parameters"] == 6 * (2 * 32 * 64 + 64 * 32)  # 6 experts: gate_up [64,64] + down [64,32]
+    assert metrics["optimizer_state_bytes"] >= 2 * 4 * metrics["trainable_parameters"]  # exp_avg + exp_avg_sq, fp32
+
+    keys = set(adapter_tensors(out / "adapter"))
+    expected = {f"model.layers.{l}.mlp.experts.{e}.{p}.weight" for l, ids in EXPERTS.items() for e in ids
+                for p in ("gate_proj", "up_proj", "down_proj")}
+    assert keys == expected
+
+    base = AutoModelForCausalLM.from_pretrained(assets / "model")
+    merged = AutoModelForCausalLM.from_pretrained(assets / "model")
+    load_adapter(merged, out / "adapter")
+    merge_adapter(merged)
+    before, after = dict(base.named_parameters()), dict(merged.named_parameters())
+    for name, tensor in after.items():
+        if ".mlp.experts." not in name:
+            assert torch.equal(tensor, before[name]), f"{name} changed"
+    for layer in moe_layers(merged):
+        moved = (after[f"model.layers.{layer.index}.mlp.experts.down_proj"] != before[f"model.layers.{layer.index}.mlp.experts.down_proj"])
+        assert moved.flatten(1).any(1).nonzero().flatten().tolist() == EXPERTS[str(layer.index)]
+
+
+def test_a_dead_worker_is_replaced_and_the_result_is_bitwise_identical(assets, uninterrupted, tmp_path, monkeypatch):
+    marker = tmp_path / "fault-injected"
+    monkeypatch.setenv(FAULT_ENV, f"4:1:{marker}")  # rank 1 dies right after the step-4 checkpoint
+    out = tmp_path / "faulty"
+    run_train(config(assets, out))
+    assert marker.exists(), "the fault was never injected"
+    reference = adapter_tensors(uninterrupted[0] / "adapter")
+    recovered = adapter_tensors(out / "adapter")
+    assert reference.keys() == recovered.keys()
+    assert all(torch.equal(reference[k], recovered[k]) for k in reference)
+
+
+def test_resume_continues_to_the_same_result(assets, uninterrupted, tmp_path):
+    out = tmp_path / "resumed"
+    run_train(config(assets, out, steps=4))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_train(config(assets, out))
+    metrics = run_train(config(assets, out, resume=True))
+    assert [r["step"] for r in metrics["history"]] == list(range(1, 9))
+    reference = adapter_tensors(uninterrupted[0] / "adapter")
+    resumed = adapter_tensors(out / "adapter")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+@pytest.mark.parametrize("method, export", [("fft", "model"), ("lora", "lora")])
+def test_baselines_run_through_the_same_path(assets, tmp_path, method, export):
+    metrics = run_train(config(assets, tmp_path / method, method=method, workers=1, steps=2, save_every=2, eval_every=2))
+    assert metrics["method"] == method and len(metrics["history"]) == 2
+    assert (tmp_path / method / export).is_dir()
+    if method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "model"), tmp_path / method / export)
+        assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == metrics["trainable_parameters"]
+
+
+def test_bad_inputs_fail_before_training(assets, tmp_path):
+    out = tmp_path / "never"
+    bad_cfg = tmp_path / "bad_cfg.json"
+    ExpertConfig({"0": [1]}).save(bad_cfg)  # layer 0 is dense in DeepSeek-V2 tiny
+    with pytest.raises(ValueError, match="not a MoE layer"):
+        run_train(config(assets, out, expert_config=str(bad_cfg)))
+    with pytest.raises(ConfigError, match="the cluster has 2 CPUs"):
+        run_train(config(assets, out, workers=3))
+    with pytest.raises(ConfigError, match="cannot read DeepSpeed config"):
+        run_train(config(assets, out, deepspeed=str(tmp_path / "missing.json")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        run_train(config(assets, out, data=str(empty)))
+    with pytest.raises(ConfigError, match="needs --expert-config"):
+        run_train(config(assets, out, expert_config=None))
+    assert not out.exists()
+
+
+def test_shipped_deepspeed_configs_are_the_presets():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+    for name in PRESETS:
+        assert json.loads((folder / f"{name}.json").read_text()) == preset(name), name
