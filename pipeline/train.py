@@ -55,6 +55,7 @@ class TrainConfig:
     expert_config: str | None = None
     method: str = "esft"
     workers: int = 1
+    cpus_per_worker: int | None = None  # default: 1 with GPUs, else the cluster's CPUs shared evenly
     use_gpu: bool = False
     deepspeed: str = "zero2"
     steps: int = 500
@@ -182,11 +183,15 @@ def run_train(config: TrainConfig) -> dict:
 
     _ensure_ray()
     _check_cluster(config)
+    if config.cpus_per_worker is None:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        config.cpus_per_worker = 1 if config.use_gpu else max(1, int(cpus // config.workers))
     loop_config = {"train": asdict(config), "data": {k: ray.put(v) for k, v in data.items()}}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}),
         run_config=RunConfig(
             storage_path=str(out / "ray"),
             name=RUN_NAME,
@@ -249,6 +254,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config.cpus_per_worker)  # Ray starts workers with OMP_NUM_THREADS=1
     torch.manual_seed(config.seed)
     data = {name: ray.get(ref) for name, ref in loop_config["data"].items()}
     engine, trainable = _build_engine(config)
@@ -389,6 +395,17 @@ def _optimizer_state_bytes(engine, device) -> int:
     return int(tensor)
 
 
+def _peak_memory_bytes(device) -> int:
+    """Peak accelerator memory of this worker, or its peak resident set size on CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 def _save_and_report(engine, trainable, config: TrainConfig, step: int, history: list[dict], rank: int, world: int, device) -> None:
     import deepspeed
     import ray.train
@@ -408,6 +425,7 @@ def _save_and_report(engine, trainable, config: TrainConfig, step: int, history:
                     "trainable_parameters": sum(p.numel() for p in trainable),
                     "optimizer_state_bytes": state_bytes,
                     "tokens_per_second": float(np.mean([r["tokens_per_second"] for r in history])),
+                    "peak_memory_bytes": _peak_memory_bytes(device),
                     "workers": world, "config": asdict(config),
                 }
                 atomic_write_text(tmp_path / "metrics.json", json.dumps(metrics))

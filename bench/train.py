@@ -1,0 +1,121 @@
+"""ESFT vs full fine-tuning vs LoRA through the real trainer (Ray Train + DeepSpeed ZeRO-2).
+
+    python bench/train.py [--steps 8] [--workers 1]
+
+Same model (the core benchmark's "large" DeepSeek-V2 shape), same packed data, same batch, one run
+each of `esft train` with --method esft (token score, p = 0.2, profiled on the training data),
+fft and lora. Ratios vs FFT (ARCHITECTURE §7): step time (median over steps after the first),
+optimizer state, peak memory, exported checkpoint bytes (adapter vs whole model), and
+`selected_expert_share` = selected experts' bytes / model bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/profile.py shadows the standard library's `profile` module for scripts run from here.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+
+from esft.data import pack_samples, read_conversations, tokenize_conversations  # noqa: E402
+from esft.families import fused_expert_params, moe_layers  # noqa: E402
+from esft.scores import empty_scores_for, layer_score_dict, profile_batch  # noqa: E402
+from esft.select import select_experts  # noqa: E402
+from esft.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from pipeline.quickstart import arithmetic_corpus  # noqa: E402
+from pipeline.train import EXPORT_DIR, TrainConfig, run_train  # noqa: E402
+
+LARGE = dict(hidden_size=384, moe_intermediate_size=512, n_routed_experts=32, num_experts_per_tok=4,
+             num_hidden_layers=4, first_k_dense_replace=0, num_attention_heads=4, num_key_value_heads=4)
+SEQ_LEN, BATCH = 512, 4
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prepare(root: Path) -> tuple[Path, Path, Path, float]:
+    corpus = arithmetic_corpus(3000, seed=0)
+    data = root / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    tokenizer = tiny_tokenizer([m["content"] for row in corpus[:1000] for m in row["messages"]], vocab_size=1000)
+    model = tiny_model("deepseek_v2", vocab_size=len(tokenizer), **LARGE)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = pack_samples(tokenize_conversations(read_conversations(data), tokenizer), SEQ_LEN,
+                        pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)[:32]
+    scores = empty_scores_for(model)
+    for i in range(0, len(rows), BATCH):
+        ids = torch.tensor([r.input_ids for r in rows[i:i + BATCH]])
+        mask = torch.tensor([r.attention_mask for r in rows[i:i + BATCH]])
+        profile_batch(model, ids, mask, into=scores)
+    config = select_experts(layer_score_dict(scores.layers, scores.scores("token")), top_p=0.2)
+    config.save(root / "expert_cfg.json")
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    selected_bytes = sum(
+        sum(t[e].numel() * t.element_size() for t in fused_expert_params(layer.experts).values())
+        for layer in moe_layers(model) for e in config.experts_of(layer.index)
+    )
+    return root / "model", data, root / "expert_cfg.json", selected_bytes / model_bytes
+
+
+def step_seconds(metrics: dict) -> float:
+    tokens = metrics["config"]["batch_size"] * metrics["config"]["grad_accum"] * metrics["workers"] * metrics["config"]["seq_len"]
+    return statistics.median(tokens / r["tokens_per_second"] for r in metrics["history"][1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model, data, expert_cfg, selected_share = prepare(root)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        results = {}
+        for method in ("fft", "esft", "lora"):
+            config = TrainConfig(model=str(model), data=str(data), expert_config=str(expert_cfg), out=str(root / method),
+                                 method=method, workers=args.workers, steps=args.steps, save_every=args.steps,
+                                 eval_every=args.steps, seq_len=SEQ_LEN, batch_size=BATCH, eval_rows=4)
+            metrics = run_train(config)
+            results[method] = {
+                "step_seconds": step_seconds(metrics),
+                "optimizer_state_bytes": metrics["optimizer_state_bytes"],
+                "peak_memory_bytes": metrics["peak_memory_bytes"],
+                "checkpoint_bytes": directory_bytes(root / method / EXPORT_DIR[method]),
+                "trainable_parameters": metrics["trainable_parameters"],
+            }
+        ray.shutdown()
+
+    fft, esft, lora = results["fft"], results["esft"], results["lora"]
+    print(json.dumps({
+        "ratios": {
+            "step_time_esft_over_fft": esft["step_seconds"] / fft["step_seconds"],
+            "step_time_lora_over_fft": lora["step_seconds"] / fft["step_seconds"],
+            "optimizer_state_esft_over_fft": esft["optimizer_state_bytes"] / fft["optimizer_state_bytes"],
+            "peak_memory_esft_over_fft": esft["peak_memory_bytes"] / fft["peak_memory_bytes"],
+            "checkpoint_bytes_esft_over_fft": esft["checkpoint_bytes"] / fft["checkpoint_bytes"],
+            "selected_expert_share": selected_share,
+        },
+        "raw": results,
+        "config": {"model": {"family": "deepseek_v2", **LARGE}, "seq_len": SEQ_LEN, "batch_size": BATCH,
+                   "steps": args.steps, "workers": args.workers, "deepspeed": "zero2", "selection": "token p=0.2",
+                   "device": "cpu"},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
