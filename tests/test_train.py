@@ -152,3 +152,14 @@ def test_shipped_deepspeed_configs_are_the_presets():
     folder = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
     for name in PRESETS:
         assert json.loads((folder / f"{name}.json").read_text()) == preset(name), name
+
+
+def test_example_configs_parse():
+    from pathlib import Path
+
+    from pipeline.config import build_config, read_yaml
+    from pipeline.profile import ProfileConfig
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    assert build_config(TrainConfig, read_yaml(folder / "train.example.yaml"), {}).workers == 8
+    assert build_config(ProfileConfig, read_yaml(folder / "profile.example.yaml"), {}).replicas == 8
