@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,5 +32,23 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask
 
 
-def make_model(family: str, **kwargs):
-    return tiny_model(family, **kwargs)
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 2 CPUs for one test module (request it with pytestmark)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def save_model_with_tokenizer(directory: Path, corpus: list[dict], family: str = "deepseek_v2") -> Path:
+    """A tiny model directory with a tokenizer trained on `corpus` (ESFT messages rows)."""
+    tokenizer = tiny_tokenizer([m["content"] for row in corpus for m in row["messages"]], vocab_size=400)
+    tiny_model(family, vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -12,21 +12,15 @@ import torch
 
 from esft.scores import ExpertScores, ScoresError, add_rows, profile_rows
 from esft.select import load_layer_scores, select_experts
-from esft.tiny import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
 from pipeline.data import pack_block
 from pipeline.profile import ProfileConfig, run_profile
 from pipeline.quickstart import arithmetic_corpus
+from tests.conftest import save_model_with_tokenizer, write_jsonl
 
-ray = pytest.importorskip("ray")
-
+pytestmark = pytest.mark.usefixtures("local_ray")
 SEQ_LEN, BATCH = 64, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +28,14 @@ def assets(tmp_path_factory):
     """A tiny DeepSeek-V2 with a tokenizer, saved as a model directory, and two task corpora."""
     root = tmp_path_factory.mktemp("profile")
     corpus = arithmetic_corpus(120, seed=1)
-    tokenizer = tiny_tokenizer([m["content"] for row in corpus for m in row["messages"]], vocab_size=400)
-    model = tiny_model("deepseek_v2", vocab_size=len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    math = root / "math.jsonl"
-    math.write_text("".join(json.dumps(r) + "\n" for r in corpus))
-    chat = root / "chat.jsonl"
-    chat.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"Say hello to person {i}."},
-                                 {"role": "assistant", "content": f"Hello, person number {i}! Have a nice day."}]}) + "\n"
+    model_dir = save_model_with_tokenizer(root / "model", corpus)
+    math = write_jsonl(root / "math.jsonl", corpus)
+    chat = write_jsonl(root / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": f"Say hello to person {i}."},
+                      {"role": "assistant", "content": f"Hello, person number {i}! Have a nice day."}]}
         for i in range(80)
-    ))
-    return {"root": root, "model": str(root / "model"), "math": str(math), "chat": str(chat), "tokenizer": tokenizer}
+    ])
+    return {"root": root, "model": str(model_dir), "math": str(math), "chat": str(chat)}
 
 
 def config(assets, out, **overrides) -> ProfileConfig:
@@ -61,7 +50,7 @@ def single_process_scores(assets, budget: int) -> ExpertScores:
     packed = pack_block(pa.table({"text": lines}), kind="jsonl", where=assets["math"], tokenizer=assets["model"],
                         trust_remote_code=False, template="reference", seq_len=SEQ_LEN, seed=3, max_tokens=budget,
                         loss_tokens_only=False)
-    model = tiny_model("deepseek_v2", vocab_size=len(assets["tokenizer"]))
+    model = AutoModelForCausalLM.from_pretrained(assets["model"])
     scores = ExpertScores.empty((1, 2, 3), 16, 2)
     for start in range(0, len(packed["input_ids"]), BATCH):
         part = {k: torch.from_numpy(packed[k][start:start + BATCH]).long() for k in ("input_ids", "attention_mask", "token_mask")}

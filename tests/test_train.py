@@ -4,7 +4,6 @@ recovery after a worker dies, resume, and the FFT / LoRA baselines through the s
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -14,34 +13,24 @@ from transformers import AutoModelForCausalLM
 from esft.adapter import load_adapter
 from esft.families import moe_layers
 from esft.select import ExpertConfig
-from esft.tiny import tiny_model, tiny_tokenizer
 from esft.trainable import merge_adapter
 from pipeline.config import ConfigError
 from pipeline.deepspeed_config import PRESETS, preset
 from pipeline.quickstart import arithmetic_corpus
 from pipeline.train import FAULT_ENV, TrainConfig, run_train
+from tests.conftest import save_model_with_tokenizer, write_jsonl
 
-ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.usefixtures("local_ray")
 EXPERTS = {"1": [0, 5], "2": [3], "3": [7, 8, 9]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     corpus = arithmetic_corpus(200, seed=2)
-    tokenizer = tiny_tokenizer([m["content"] for row in corpus for m in row["messages"]], vocab_size=400)
-    model = tiny_model("deepseek_v2", vocab_size=len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus[:180]))
-    (root / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arithmetic_corpus(20, seed=9)))
+    save_model_with_tokenizer(root / "model", corpus)
+    write_jsonl(root / "train.jsonl", corpus[:180])
+    write_jsonl(root / "general.jsonl", arithmetic_corpus(20, seed=9))
     ExpertConfig(EXPERTS).save(root / "expert_cfg.json")
     return root
 
