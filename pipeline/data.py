@@ -143,14 +143,14 @@ def pack_block(
             conversations.append(conversation)
     rows, counted = [], 0
     samples = tokenize_conversations(conversations, tok, template=template)
-    for row in iter_packed_rows(samples, seq_len, pad_id=_pad_id(tok), bos_id=tok.bos_token_id, random_concat_ratio=0.0, seed=seed):
+    for row in iter_packed_rows(samples, seq_len, pad_id=pad_id_of(tok), bos_id=tok.bos_token_id, random_concat_ratio=0.0, seed=seed):
         rows.append(row)
         counted += sum(1 for label, m in zip(row.labels, row.attention_mask) if m and (label != -100 or not loss_tokens_only))
         if counted >= max_tokens:
             break
     if not rows and skipped:
         # Nothing usable in this block: one all-padding row still carries the skip count.
-        rows.append(PackedRow([_pad_id(tok)] * seq_len, [-100] * seq_len, [0] * seq_len))
+        rows.append(PackedRow([pad_id_of(tok)] * seq_len, [-100] * seq_len, [0] * seq_len))
     n = len(rows)
     attention = np.asarray([row.attention_mask for row in rows], np.int8).reshape(n, seq_len)
     labels = np.asarray([row.labels for row in rows], np.int64).reshape(n, seq_len)
@@ -163,7 +163,7 @@ def pack_block(
     }
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:

@@ -107,9 +107,11 @@ class TrainConfig:
 def _pack(conversations, tokenizer, config: TrainConfig, random_concat_ratio: float) -> np.ndarray:
     from esft.data import pack_samples, tokenize_conversations
 
+    from pipeline.data import pad_id_of
+
     rows = pack_samples(tokenize_conversations(conversations, tokenizer, template=config.template), config.seq_len,
-                        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                        bos_id=tokenizer.bos_token_id, random_concat_ratio=random_concat_ratio, seed=config.seed)
+                        pad_id=pad_id_of(tokenizer), bos_id=tokenizer.bos_token_id,
+                        random_concat_ratio=random_concat_ratio, seed=config.seed)
     return np.stack([np.asarray([r.input_ids, r.labels, r.attention_mask], np.int64) for r in rows])  # [N, 3, S]
 
 
@@ -138,8 +140,9 @@ def _check_cluster(config: TrainConfig) -> None:
     resources = ray.cluster_resources()
     if config.use_gpu and resources.get("GPU", 0) < config.workers:
         raise ConfigError(f"train: {config.workers} GPU workers asked, the cluster has {resources.get('GPU', 0):g} GPUs")
-    if not config.use_gpu and resources.get("CPU", 0) < config.workers:
-        raise ConfigError(f"train: {config.workers} workers asked, the cluster has {resources.get('CPU', 0):g} CPUs; lower --workers")
+    if resources.get("CPU", 0) < config.workers * config.cpus_per_worker:
+        raise ConfigError(f"train: {config.workers} workers x {config.cpus_per_worker} CPUs asked, the cluster has "
+                          f"{resources.get('CPU', 0):g} CPUs; lower --workers")
 
 
 def _validate_model(config: TrainConfig):
@@ -182,10 +185,10 @@ def run_train(config: TrainConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     _ensure_ray()
-    _check_cluster(config)
     if config.cpus_per_worker is None:
         cpus = ray.cluster_resources().get("CPU", 1)
         config.cpus_per_worker = 1 if config.use_gpu else max(1, int(cpus // config.workers))
+    _check_cluster(config)
     loop_config = {"train": asdict(config), "data": {k: ray.put(v) for k, v in data.items()}}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -247,6 +250,7 @@ def _ensure_ray() -> None:
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker: everything it needs is in `loop_config`."""
     import ray
+    import ray.train
 
     config = TrainConfig(**loop_config["train"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
