@@ -106,6 +106,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.config import build_config, read_yaml
+    from pipeline.evaluate import EvalConfig, run_eval
+
+    file_values = read_yaml(args.config) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
+    run_eval(build_config(EvalConfig, file_values, overrides, where=args.config or "eval"))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipeline.quickstart import run_quickstart
 
@@ -170,6 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     _add_model_args(p)
     p.set_defaults(func=cmd_train, trust_remote_code=None)
+
+    p = sub.add_parser("eval", help="generate on Ray Data and score: task metrics, general loss, lm-eval")
+    p.add_argument("--config", help="YAML file with these settings; flags override it")
+    p.add_argument("--model", help="base model: hub id or local directory")
+    p.add_argument("--adapter", help="ESFT adapter directory applied on top of --model")
+    p.add_argument("--merged", help="a merged model directory used instead of --model's weights")
+    p.add_argument("--data", help="eval JSONL: reference rows (prompt, answers) or single-turn messages")
+    p.add_argument("--metric", action="append", choices=["exact_match", "numeric", "intent", "rouge_l", "bleu", "chrf"])
+    p.add_argument("--out", help="metrics JSON to write (predictions go beside it)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable; default: blank line and 'User:')")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--gpus-per-replica", type=float)
+    p.add_argument("--general-data", help="general-domain corpus for loss / perplexity (forgetting)")
+    p.add_argument("--lm-eval-tasks", action="append", help="lm-eval task names, when lm-eval is installed")
+    p.add_argument("--tokenizer")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval, trust_remote_code=None)
 
     p = sub.add_parser("select", help="choose experts from profiled scores (writes expert_cfg.json)")
     p.add_argument("--scores", required=True, help="our scores file, a directory holding one, or a reference summary.json")

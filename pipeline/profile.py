@@ -120,24 +120,24 @@ class TaskProfile:
         return self.scores.total_tokens / max(self.seconds, 1e-9)
 
 
-def _placement(config: ProfileConfig) -> dict:
+def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: float | None) -> dict:
+    """Resources of each model replica (profiling and evaluation share this)."""
     import ray
 
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
-    if config.gpus_per_replica * config.replicas > gpus:
+    if gpus_per_replica * replicas > gpus:
         raise ConfigError(
-            f"profile: {config.replicas} replicas x {config.gpus_per_replica} GPUs need "
-            f"{config.replicas * config.gpus_per_replica:g} GPUs; the cluster has {gpus:g} GPUs "
-            "(lower --replicas or --gpus-per-replica, or add GPU nodes)"
+            f"{replicas} replicas x {gpus_per_replica} GPUs need {replicas * gpus_per_replica:g} GPUs; the cluster "
+            f"has {gpus:g} GPUs (lower --replicas or --gpus-per-replica, or add GPU nodes)"
         )
-    if config.cpus_per_replica is not None:
-        per_replica = config.cpus_per_replica
-    elif config.gpus_per_replica > 0:
+    if cpus_per_replica is not None:
+        per_replica = cpus_per_replica
+    elif gpus_per_replica > 0:
         per_replica = 1.0
     else:  # CPU replicas: leave one CPU for reading and packing, or the stream starves (ARCHITECTURE §6)
-        per_replica = max(0.25, (cpus - 1) / config.replicas)
-    threads = max(1, int(os.cpu_count() or 1) // config.replicas) if config.gpus_per_replica == 0 else 2
+        per_replica = max(0.25, (cpus - 1) / replicas)
+    threads = max(1, int(os.cpu_count() or 1) // replicas) if gpus_per_replica == 0 else 2
     return {"num_cpus": per_replica, "threads": threads}
 
 
@@ -145,7 +145,7 @@ def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertS
     """Stream one corpus through the replicas until the token budget is reached."""
     from ray.data import ActorPoolStrategy
 
-    placement = _placement(config)
+    placement = placement_for(config.replicas, config.gpus_per_replica, config.cpus_per_replica)
     dataset = packed_dataset(
         source, tokenizer=config.tokenizer or config.model, trust_remote_code=config.trust_remote_code,
         template=config.template, seq_len=config.seq_len, seed=config.seed, max_tokens=config.n_sample_tokens,
@@ -231,7 +231,7 @@ def run_profile(config: ProfileConfig) -> list[TaskProfile]:
 
     cached_tokenizer(config.tokenizer or config.model, config.trust_remote_code)  # fail now, not in a worker
     with atomic_directory(config.out, overwrite=config.overwrite) as tmp:
-        _ensure_ray()
+        ensure_ray()
         results = []
         for source in sources:
             log.info("profiling %s (%s) on %s, budget %d tokens", source.task, source.spec, config.model, config.n_sample_tokens)
@@ -263,7 +263,7 @@ def _empty_scores_for_model(config: ProfileConfig) -> ExpertScores:
     return ExpertScores.empty(tuple(l.index for l in layers), num_experts(layers[0]), top_k(layers[0]), metadata)
 
 
-def _ensure_ray() -> None:
+def ensure_ray() -> None:
     import ray
     from ray.data import DataContext
 

@@ -38,6 +38,7 @@ from esft.io import atomic_directory, atomic_write_text
 from esft.training import PAPER_GRAD_CLIP, PAPER_LR
 from pipeline.config import ConfigError
 from pipeline.deepspeed_config import load_deepspeed_config
+from pipeline.profile import ensure_ray
 
 log = logging.getLogger("esft")
 
@@ -184,7 +185,7 @@ def run_train(config: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    _ensure_ray()
+    ensure_ray()
     if config.cpus_per_worker is None:
         cpus = ray.cluster_resources().get("CPU", 1)
         config.cpus_per_worker = 1 if config.use_gpu else max(1, int(cpus // config.workers))
@@ -235,13 +236,6 @@ def _worker_env(config: TrainConfig) -> dict[str, str]:
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     return env
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
 
 
 # ----------------------------------------------------------------------------- worker side
