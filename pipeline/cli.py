@@ -116,6 +116,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import build_config, read_yaml
+    from pipeline.run import PipelineConfig, run_pipeline
+
+    overrides = {"run_dir": args.run_dir}
+    run_pipeline(build_config(PipelineConfig, read_yaml(args.config), overrides, where=args.config))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipeline.quickstart import run_quickstart
 
@@ -133,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_model_args(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="the whole pipeline: profile -> select -> train -> eval -> register")
+    p.add_argument("--config", required=True, help="pipeline YAML (see configs/quickstart.yaml)")
+    p.add_argument("--run-dir", help="override the config's run directory")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("profile", help="profile expert routing of task corpora on Ray Data (scores, summary, heatmaps)")
     p.add_argument("--config", help="YAML file with these settings; flags override it")

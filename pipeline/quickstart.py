@@ -59,6 +59,25 @@ def arithmetic_corpus(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def general_corpus(n: int, seed: int) -> list[dict]:
+    """A general-domain mixture (greetings, facts, descriptions) whose loss tracks forgetting."""
+    rng = random.Random(seed)
+    names = ["Ada", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
+    places = ["the park", "the library", "the market", "the river", "the station", "the garden"]
+    things = ["a red kite", "an old map", "a warm coat", "a small boat", "a green lamp", "a blue cup"]
+    templates = [
+        (lambda: f"Say hello to {rng.choice(names)}.", lambda q: f"Hello, {q.split()[-1].rstrip('.')}! Nice to meet you."),
+        (lambda: f"Where did {rng.choice(names)} go today?", lambda q: f"{q.split()[2]} went to {rng.choice(places)}."),
+        (lambda: f"Describe {rng.choice(things)}.", lambda q: f"It is {q[9:].rstrip('.')}, simple and useful."),
+    ]
+    rows = []
+    for _ in range(n):
+        ask, answer = rng.choice(templates)
+        question = ask()
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer(question)}]})
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     return path

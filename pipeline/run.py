@@ -1,0 +1,161 @@
+"""The whole pipeline in one command:
+
+    esft run --config configs/quickstart.yaml
+
+profile -> select -> train -> evaluate -> register, each stage writing its artifact under the
+run directory. A stage whose inputs are unchanged since it last completed is skipped, so a rerun
+after Ctrl-C or a killed driver resumes at the first incomplete stage (training itself resumes
+from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from esft.io import atomic_write_text
+from pipeline.config import ConfigError
+
+log = logging.getLogger("esft")
+EMBEDDED = "embedded"
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "esft"
+    run_dir: str = "runs/esft"
+    model: str = EMBEDDED  # a hub id / directory, or "embedded": the project's default model and corpora
+    train_data: str | None = None
+    eval_data: str | None = None
+    general_data: str | None = None
+    tokenizer: str | None = None
+    profile: dict = field(default_factory=dict)  # ProfileConfig settings
+    select: dict = field(default_factory=lambda: {"score_function": "token", "top_p": 0.2})
+    train: dict = field(default_factory=dict)  # TrainConfig settings
+    eval: dict = field(default_factory=dict)  # EvalConfig settings
+    register: dict = field(default_factory=dict)  # model_name, metric, tracking_uri
+
+    def validate(self) -> None:
+        if self.model != EMBEDDED and not (self.train_data and self.eval_data):
+            raise ConfigError("run: give train_data and eval_data (or use model: embedded)")
+        if self.select.get("score_function") not in ("token", "gate"):
+            raise ConfigError("run: select.score_function must be token or gate")
+
+
+def _hash(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage(run_dir: Path, name: str, inputs: dict, work: Callable[[], object]) -> dict:
+    """Run `work` unless this stage already completed with the same inputs; returns its record."""
+    marker = run_dir / "stages" / f"{name}.json"
+    digest = _hash(inputs)
+    if marker.exists():
+        record = json.loads(marker.read_text())
+        if record.get("inputs") == digest:
+            log.info("[%s] up to date, skipped", name)
+            return record
+    started = time.perf_counter()
+    log.info("[%s] running", name)
+    result = work()
+    record = {"inputs": digest, "seconds": round(time.perf_counter() - started, 1), "result": result}
+    atomic_write_text(marker, json.dumps(record, indent=1, default=str))
+    return record
+
+
+def prepare_embedded(out: Path) -> dict:
+    """The embedded default: the tiny DeepSeek-V2 model with a tokenizer, an arithmetic task
+    (train/eval) and a general-domain mixture, all generated from fixed seeds."""
+    from esft.tiny import tiny_model, tiny_tokenizer
+    from pipeline.quickstart import arithmetic_corpus, general_corpus
+
+    task, general = arithmetic_corpus(1200, seed=0), general_corpus(200, seed=1)
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", task[:1100]), ("eval", task[1100:1164]), ("general", general)):
+        atomic_write_text(data / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = tiny_tokenizer([m["content"] for row in task + general for m in row["messages"]])
+    model_dir = out / "base_model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    tiny_model("deepseek_v2", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return {"model": str(model_dir), "train_data": str(data / "train.jsonl"), "eval_data": str(data / "eval.jsonl"),
+            "general_data": str(data / "general.jsonl")}
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    from esft.select import load_layer_scores, select_experts
+    from pipeline.evaluate import EvalConfig, run_eval
+    from pipeline.profile import ProfileConfig, run_profile
+    from pipeline.register import register_adapter
+    from pipeline.train import TrainConfig, run_train
+
+    config.validate()
+    run = Path(config.run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    if config.model == EMBEDDED:
+        inputs = stage(run, "assets", {"embedded": 1}, lambda: prepare_embedded(run / "assets"))["result"]
+    else:
+        inputs = {"model": config.model, "train_data": config.train_data, "eval_data": config.eval_data,
+                  "general_data": config.general_data}
+    model, tokenizer = inputs["model"], config.tokenizer or inputs["model"]
+
+    profile_cfg = ProfileConfig(model=model, data=[inputs["train_data"]], out=str(run / "profile"), tokenizer=tokenizer,
+                                overwrite=True, **config.profile)
+    stage(run, "profile", asdict(profile_cfg), lambda: len(run_profile(profile_cfg)))
+
+    expert_cfg = run / "select" / "expert_cfg.json"
+
+    def select() -> int:
+        chosen = select_experts(load_layer_scores(run / "profile", config.select["score_function"]), top_p=config.select.get("top_p"),
+                                experts_per_layer=config.select.get("experts_per_layer"))
+        chosen.save(expert_cfg)
+        return chosen.num_selected
+
+    selected = stage(run, "select", {"profile": _hash(asdict(profile_cfg)), **config.select}, select)["result"]
+
+    train_cfg = TrainConfig(model=model, data=inputs["train_data"], expert_config=str(expert_cfg), out=str(run / "train"),
+                            general_data=inputs["general_data"], tokenizer=tokenizer, **config.train)
+
+    def train() -> dict:
+        train_cfg.resume = (run / "train" / "ray").exists()  # a killed run continues from its checkpoint
+        metrics = run_train(train_cfg)
+        return {k: metrics[k] for k in ("final_valid_loss", "final_general_loss", "trainable_parameters", "wall_seconds")}
+
+    trained = stage(run, "train", {"select": selected, **asdict(train_cfg), "resume": None}, train)["result"]
+
+    eval_cfg = EvalConfig(model=model, adapter=str(run / "train" / "adapter"), data=inputs["eval_data"],
+                          out=str(run / "eval" / "metrics.json"), general_data=inputs["general_data"], tokenizer=tokenizer,
+                          **config.eval)
+    evaluated = stage(run, "eval", {"train": trained, **asdict(eval_cfg)},
+                      lambda: {k: v for k, v in run_eval(eval_cfg).items() if isinstance(v, (int, float))})["result"]
+
+    register_cfg = {"model_name": config.name, "metric": eval_cfg.metric[0], **config.register}
+
+    def register() -> dict:
+        from esft.adapter import adapter_summary
+
+        registration = register_adapter(
+            run / "train" / "adapter", model_name=register_cfg["model_name"], run_dir=run, metric_name=register_cfg["metric"],
+            metrics={**evaluated, **{k: v for k, v in trained.items() if isinstance(v, (int, float))}},
+            params={**config.select, "selected_experts": selected, "method": train_cfg.method, "base_model": model},
+            tags={"base_model": model, "family": adapter_summary(run / "train" / "adapter")["family"], "score_function": config.select["score_function"],
+                  "top_p": str(config.select.get("top_p")), "selected_experts": str(selected), "task": Path(inputs["train_data"]).stem},
+            tracking_uri=register_cfg.get("tracking_uri"),
+        )
+        return asdict(registration)
+
+    registered = stage(run, "register", {"eval": evaluated, **register_cfg}, register)["result"]
+    summary = {"run_dir": str(run), "selected_experts": selected, **trained, **evaluated, "registered": registered}
+    atomic_write_text(run / "summary.json", json.dumps(summary, indent=1, default=str))
+    log.info("done: %d experts selected; %s; registered %s v%s (champion: %s)", selected,
+             ", ".join(f"{m} {evaluated[m]:.4f}" for m in eval_cfg.metric), registered["name"], registered["version"], registered["champion"])
+    log.info("artifacts: %s/{profile,select,train,eval}; MLflow UI: mlflow ui --backend-store-uri %s", run, registered["tracking_uri"])
+    return summary

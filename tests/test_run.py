@@ -1,0 +1,42 @@
+"""`esft run`: the whole pipeline on the embedded default, stage skipping and resumption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import build_config, read_yaml
+from pipeline.run import PipelineConfig, run_pipeline
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def quick_config(run_dir) -> PipelineConfig:
+    config = build_config(PipelineConfig, read_yaml("configs/quickstart.yaml"), {"run_dir": str(run_dir)})
+    config.profile.update(n_sample_tokens=2048)
+    config.train.update(steps=4, save_every=4, eval_every=4, eval_rows=4)
+    config.eval.update(max_new_tokens=8)
+    return config
+
+
+def test_pipeline_runs_end_to_end_then_skips_and_resumes(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    summary = run_pipeline(quick_config(run_dir))
+    for artifact in ("profile/expert_scores.json", "select/expert_cfg.json", "train/adapter/model.safetensors",
+                     "train/metrics.json", "eval/metrics.json", "eval/metrics.predictions.jsonl", "summary.json"):
+        assert (run_dir / artifact).exists(), artifact
+    assert summary["selected_experts"] >= 3 and 0.0 <= summary["numeric"] <= 1.0
+    assert summary["registered"]["version"] == "1" and summary["registered"]["champion"]
+
+    caplog.set_level("INFO", logger="esft")
+    caplog.clear()
+    run_pipeline(quick_config(run_dir))  # nothing changed: every stage is skipped
+    assert caplog.text.count("up to date, skipped") == 6
+
+    (run_dir / "stages" / "eval.json").unlink()  # as if the driver died during evaluation
+    caplog.clear()
+    again = run_pipeline(quick_config(run_dir))
+    assert caplog.text.count("up to date, skipped") == 4  # assets, profile, select, train
+    assert json.loads((run_dir / "eval" / "metrics.json").read_text())["n"] == 64
+    assert again["registered"]["version"] == "2"
