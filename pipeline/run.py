@@ -35,11 +35,31 @@ class PipelineConfig:
     eval_data: str | None = None
     general_data: str | None = None
     tokenizer: str | None = None
+    trust_remote_code: bool = False
     profile: dict = field(default_factory=dict)  # ProfileConfig settings
     select: dict = field(default_factory=lambda: {"score_function": "token", "top_p": 0.2})
     train: dict = field(default_factory=dict)  # TrainConfig settings
     eval: dict = field(default_factory=dict)  # EvalConfig settings
     register: dict = field(default_factory=dict)  # model_name, metric, tracking_uri
+
+    def stage_configs(self, model: str, data: dict, run: Path):
+        """The typed config of every stage (unknown keys in a section fail here, before any work)."""
+        from pipeline.config import build_config
+        from pipeline.evaluate import EvalConfig
+        from pipeline.profile import ProfileConfig
+        from pipeline.train import TrainConfig
+
+        tokenizer, remote = self.tokenizer or model, self.trust_remote_code
+        profile = build_config(ProfileConfig, self.profile, {"model": model, "data": [data["train_data"]], "out": str(run / "profile"),
+                               "tokenizer": tokenizer, "overwrite": True, "trust_remote_code": remote}, where="run: profile")
+        train = build_config(TrainConfig, self.train, {"model": model, "data": data["train_data"], "out": str(run / "train"),
+                             "expert_config": str(run / "select" / "expert_cfg.json"), "general_data": data["general_data"],
+                             "tokenizer": tokenizer, "trust_remote_code": remote}, where="run: train")
+        evaluate = build_config(EvalConfig, self.eval, {"model": model, "adapter": str(run / "train" / "adapter"),
+                                "data": data["eval_data"], "out": str(run / "eval" / "metrics.json"),
+                                "general_data": data["general_data"], "tokenizer": tokenizer, "trust_remote_code": remote},
+                                where="run: eval")
+        return profile, train, evaluate
 
     def validate(self) -> None:
         if self.model != EMBEDDED and not (self.train_data and self.eval_data):
@@ -92,10 +112,10 @@ def prepare_embedded(out: Path) -> dict:
 
 def run_pipeline(config: PipelineConfig) -> dict:
     from esft.select import load_layer_scores, select_experts
-    from pipeline.evaluate import EvalConfig, run_eval
-    from pipeline.profile import ProfileConfig, run_profile
+    from pipeline.evaluate import run_eval
+    from pipeline.profile import run_profile
     from pipeline.register import register_adapter
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.train import run_train
 
     config.validate()
     run = Path(config.run_dir).resolve()
@@ -105,10 +125,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     else:
         inputs = {"model": config.model, "train_data": config.train_data, "eval_data": config.eval_data,
                   "general_data": config.general_data}
-    model, tokenizer = inputs["model"], config.tokenizer or inputs["model"]
-
-    profile_cfg = ProfileConfig(model=model, data=[inputs["train_data"]], out=str(run / "profile"), tokenizer=tokenizer,
-                                overwrite=True, **config.profile)
+    model = inputs["model"]
+    profile_cfg, train_cfg, eval_cfg = config.stage_configs(model, inputs, run)
     stage(run, "profile", asdict(profile_cfg), lambda: len(run_profile(profile_cfg)))
 
     expert_cfg = run / "select" / "expert_cfg.json"
@@ -121,9 +139,6 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     selected = stage(run, "select", {"profile": _hash(asdict(profile_cfg)), **config.select}, select)["result"]
 
-    train_cfg = TrainConfig(model=model, data=inputs["train_data"], expert_config=str(expert_cfg), out=str(run / "train"),
-                            general_data=inputs["general_data"], tokenizer=tokenizer, **config.train)
-
     def train() -> dict:
         train_cfg.resume = (run / "train" / "ray").exists()  # a killed run continues from its checkpoint
         metrics = run_train(train_cfg)
@@ -131,9 +146,6 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     trained = stage(run, "train", {"select": selected, **asdict(train_cfg), "resume": None}, train)["result"]
 
-    eval_cfg = EvalConfig(model=model, adapter=str(run / "train" / "adapter"), data=inputs["eval_data"],
-                          out=str(run / "eval" / "metrics.json"), general_data=inputs["general_data"], tokenizer=tokenizer,
-                          **config.eval)
     evaluated = stage(run, "eval", {"train": trained, **asdict(eval_cfg)},
                       lambda: {k: v for k, v in run_eval(eval_cfg).items() if isinstance(v, (int, float))})["result"]
 

@@ -40,3 +40,14 @@ def test_pipeline_runs_end_to_end_then_skips_and_resumes(tmp_path, caplog):
     assert caplog.text.count("up to date, skipped") == 4  # assets, profile, select, train
     assert json.loads((run_dir / "eval" / "metrics.json").read_text())["n"] == 64
     assert again["registered"]["version"] == "2"
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "deepseek-v2-lite-8gpu.yaml", "deepseek-v2-lite-multinode.yaml"])
+def test_shipped_pipeline_configs_build_every_stage(name, tmp_path):
+    config = build_config(PipelineConfig, read_yaml(f"configs/{name}"), {})
+    config.validate()
+    data = {"train_data": "t.jsonl", "eval_data": "e.jsonl", "general_data": "g.jsonl"}
+    profile, train, evaluate = config.stage_configs("some/model", data, tmp_path)
+    profile.validate(), train.validate(), evaluate.validate()
+    if name != "quickstart.yaml":
+        assert train.use_gpu and profile.gpus_per_replica >= 1 and train.workers >= 8
