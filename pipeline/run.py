@@ -139,12 +139,21 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     selected = stage(run, "select", {"profile": _hash(asdict(profile_cfg)), **config.select}, select)["result"]
 
+    train_inputs = {"select": selected, **asdict(train_cfg), "resume": None}
+
     def train() -> dict:
-        train_cfg.resume = (run / "train" / "ray").exists()  # a killed run continues from its checkpoint
+        # A run killed with the same inputs continues from its checkpoint; one started with other
+        # inputs (another selection, other settings) is stale and starts over.
+        started = run / "stages" / "train.started"
+        same = started.exists() and started.read_text() == _hash(train_inputs)
+        if not same and (run / "train").exists():
+            shutil.rmtree(run / "train")
+        train_cfg.resume = same and (run / "train" / "ray").exists()
+        atomic_write_text(started, _hash(train_inputs))
         metrics = run_train(train_cfg)
         return {k: metrics[k] for k in ("final_valid_loss", "final_general_loss", "trainable_parameters", "wall_seconds")}
 
-    trained = stage(run, "train", {"select": selected, **asdict(train_cfg), "resume": None}, train)["result"]
+    trained = stage(run, "train", train_inputs, train)["result"]
 
     evaluated = stage(run, "eval", {"train": trained, **asdict(eval_cfg)},
                       lambda: {k: v for k, v in run_eval(eval_cfg).items() if isinstance(v, (int, float))})["result"]

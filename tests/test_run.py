@@ -51,3 +51,16 @@ def test_shipped_pipeline_configs_build_every_stage(name, tmp_path):
     profile.validate(), train.validate(), evaluate.validate()
     if name != "quickstart.yaml":
         assert train.use_gpu and profile.gpus_per_replica >= 1 and train.workers >= 8
+
+
+def test_a_changed_selection_retrains_from_scratch(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_pipeline(quick_config(run_dir))
+    config = quick_config(run_dir)
+    config.select["top_p"] = 0.6
+    second = run_pipeline(config)
+    assert second["selected_experts"] > first["selected_experts"]
+    metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["history"]] == [1, 2, 3, 4]  # a fresh run, not a resumed one
+    cfg = json.loads((run_dir / "train" / "adapter" / "expert_cfg.json").read_text())
+    assert sum(len(v) for v in cfg["experts"].values()) == second["selected_experts"]
