@@ -86,33 +86,33 @@ def _copy_tokenizer(model: str, out: Path, trust_remote_code: bool) -> None:
     tokenizer.save_pretrained(out)
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
+def _stage_config(args: argparse.Namespace, cls: type, stage: str):
+    """A stage's typed config: the YAML given with --config, then the flags actually given."""
     from pipeline.config import build_config, read_yaml
-    from pipeline.profile import ProfileConfig, run_profile
 
     file_values = read_yaml(args.config) if args.config else {}
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
-    run_profile(build_config(ProfileConfig, file_values, overrides, where=args.config or "profile"))
+    return build_config(cls, file_values, overrides, where=args.config or stage)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from pipeline.profile import ProfileConfig, run_profile
+
+    run_profile(_stage_config(args, ProfileConfig, "profile"))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.config import build_config, read_yaml
     from pipeline.train import TrainConfig, run_train
 
-    file_values = read_yaml(args.config) if args.config else {}
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
-    run_train(build_config(TrainConfig, file_values, overrides, where=args.config or "train"))
+    run_train(_stage_config(args, TrainConfig, "train"))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.config import build_config, read_yaml
     from pipeline.evaluate import EvalConfig, run_eval
 
-    file_values = read_yaml(args.config) if args.config else {}
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
-    run_eval(build_config(EvalConfig, file_values, overrides, where=args.config or "eval"))
+    run_eval(_stage_config(args, EvalConfig, "eval"))
     return 0
 
 
