@@ -13,6 +13,7 @@ naming the problem and the fix on bad input, and exits non-zero without writing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -30,7 +31,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from esft.model import describe, format_description, load_skeleton
 
-    description = describe(load_skeleton(args.model, trust_remote_code=args.trust_remote_code))
+    # Libraries imported on the way (DeepSpeed's accelerator probe) print to stdout; keep stdout
+    # for our report so `--json` output can be piped.
+    with contextlib.redirect_stdout(sys.stderr):
+        description = describe(load_skeleton(args.model, trust_remote_code=args.trust_remote_code))
     print(json.dumps(description.as_dict(), indent=2) if args.json else format_description(description))
     return 0
 

@@ -54,6 +54,7 @@ def test_describe_counts_parameters():
 
 def test_inspect_cli_reads_a_local_directory_without_weights(tmp_path, capsys):
     tiny_model("olmoe").save_pretrained(tmp_path / "olmoe")
+    capsys.readouterr()  # whatever saving printed is not part of the command's output
     assert esft(["inspect", str(tmp_path / "olmoe"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["family"] == "olmoe" and report["routed_experts_per_layer"] == 16 and report["moe_layers"] == [0, 1, 2, 3]
