@@ -40,7 +40,3 @@ def build_config(cls: type[T], file_values: dict[str, Any], overrides: dict[str,
         return cls(**values)
     except TypeError as error:
         raise ConfigError(f"{where}: {error}") from error
-
-
-def to_yaml(config: Any) -> str:
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
