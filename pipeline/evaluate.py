@@ -106,27 +106,34 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
+def load_evaluated_model(config: EvalConfig):
+    """The model under evaluation: --merged weights, or --model plus an ESFT --adapter, spread over
+    the GPUs Ray gave this process (if any)."""
+    from esft.model import load_model
+
+    device_map = "auto" if config.gpus_per_replica > 0 else None
+    model = load_model(config.weights, dtype=config.dtype, trust_remote_code=config.trust_remote_code, device_map=device_map)
+    if config.adapter:
+        from esft.adapter import load_adapter
+
+        load_adapter(model, config.adapter, master_dtype=None)
+    return model.eval()
+
+
 class Generator:
     """A model replica in the actor pool: prompts in, greedy predictions out."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, threads: int):
         import torch
 
-        from esft.model import load_model
         from pipeline.data import cached_tokenizer
 
-        self.threads = config["threads"]
-        self.config = config
-        device_map = "auto" if config["gpus_per_replica"] > 0 else None
-        self.model = load_model(config["weights"], dtype=config["dtype"], trust_remote_code=config["trust_remote_code"],
-                                device_map=device_map).eval()
-        if config["adapter"]:
-            from esft.adapter import load_adapter
-
-            load_adapter(self.model, config["adapter"], master_dtype=None)
-        self.tokenizer = cached_tokenizer(config["tokenizer"], config["trust_remote_code"])
+        self.threads = threads
+        self.config = EvalConfig(**config)
+        torch.set_num_threads(threads)
+        self.model = load_evaluated_model(self.config)
+        self.tokenizer = cached_tokenizer(self.config.tokenizer or self.config.model, self.config.trust_remote_code)
         self.device = next(self.model.parameters()).device
-        torch.set_num_threads(self.threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -141,9 +148,9 @@ class Generator:
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device)
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                         max_new_tokens=self.config["max_new_tokens"], pad_token_id=pad)
+                                         max_new_tokens=self.config.max_new_tokens, pad_token_id=pad)
         texts = tok.batch_decode(output[:, width:], skip_special_tokens=True)
-        return {"index": batch["index"], "prediction": np.asarray([cut_at_stop(t, self.config["stop"]) for t in texts], dtype=object)}
+        return {"index": batch["index"], "prediction": np.asarray([cut_at_stop(t, self.config.stop) for t in texts], dtype=object)}
 
 
 def general_loss(config: EvalConfig) -> dict:
@@ -153,20 +160,18 @@ def general_loss(config: EvalConfig) -> dict:
     import torch
 
     from esft.data import collate_rows, pack_samples, read_conversations, tokenize_conversations
-    from esft.model import load_model
     from esft.training import mean_loss
     from pipeline.data import cached_tokenizer, pad_id_of
 
     tokenizer = cached_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
-    model = load_model(config.weights, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-    if config.adapter:
-        from esft.adapter import load_adapter
-
-        load_adapter(model, config.adapter, master_dtype=None)
+    model = load_evaluated_model(config)
+    device = next(model.parameters()).device
     rows = pack_samples(tokenize_conversations(read_conversations(config.general_data), tokenizer), config.seq_len,
                         pad_id=pad_id_of(tokenizer), bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)
+    batches = [{k: v.to(device) for k, v in collate_rows(rows[i:i + config.batch_size]).items()}
+               for i in range(0, len(rows), config.batch_size)]
     with torch.inference_mode():
-        loss = mean_loss(model, [collate_rows(rows[i:i + config.batch_size]) for i in range(0, len(rows), config.batch_size)])
+        loss = mean_loss(model, batches)
     return {"general_loss": loss, "general_perplexity": math.exp(loss)}
 
 
@@ -176,16 +181,10 @@ def run_lm_eval(config: EvalConfig) -> dict:
         from lm_eval.models.huggingface import HFLM
     except ImportError as error:
         raise ConfigError("eval: --lm-eval-tasks needs lm-eval; `pip install lm-eval` (and its task data)") from error
-    from esft.model import load_model
+    from esft.trainable import merge_adapter
     from pipeline.data import cached_tokenizer
 
-    model = load_model(config.weights, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-    if config.adapter:
-        from esft.adapter import load_adapter
-        from esft.trainable import merge_adapter
-
-        load_adapter(model, config.adapter, master_dtype=None)
-        merge_adapter(model)
+    model = merge_adapter(load_evaluated_model(config))  # lm-eval drives a plain transformers model
     tokenizer = cached_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=config.lm_eval_tasks)
     return {"lm_eval": results["results"]}
@@ -218,8 +217,7 @@ def run_eval(config: EvalConfig) -> dict:
         Generator, batch_size=config.batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(size=config.replicas), num_cpus=placement["num_cpus"],
         num_gpus=config.gpus_per_replica or None,
-        fn_constructor_kwargs={"config": {**asdict(config), "weights": config.weights,
-                                          "tokenizer": config.tokenizer or config.model, "threads": placement["threads"]}},
+        fn_constructor_kwargs={"config": asdict(config), "threads": placement["threads"]},
     )
     predictions = [""] * len(rows)
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -227,10 +225,13 @@ def run_eval(config: EvalConfig) -> dict:
             predictions[int(index)] = str(prediction)
     metrics = {"n": len(rows), **score(predictions, [r["answers"] for r in rows], config.metric),
                "generation_seconds": time.perf_counter() - started}
+    # Both load the model: run them where a replica would run (on the GPU nodes, not the driver).
+    resources = {"num_cpus": placement["num_cpus"], **({"num_gpus": config.gpus_per_replica} if config.gpus_per_replica else {})}
+    on_replica = ray.remote(**resources)
     if config.general_data:
-        metrics.update(general_loss(config))
+        metrics.update(ray.get(on_replica(general_loss).remote(config)))
     if config.lm_eval_tasks:
-        metrics.update(run_lm_eval(config))
+        metrics.update(ray.get(on_replica(run_lm_eval).remote(config)))
     out = Path(config.out)
     predictions_file = out.with_suffix(".predictions.jsonl")
     atomic_write_text(predictions_file, "".join(
