@@ -85,3 +85,26 @@ def save_heatmaps(scores: ExpertScores, out_dir: Path, task: str) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def save_selection_plot(config, num_experts: int, path: Path) -> Path:
+    """Bars per MoE layer: how many routed experts an expert config trains, out of `num_experts`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = config.layers
+    counts = [len(config.experts_of(layer)) for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(layers) + 2), 3.2))
+    ax.bar([str(layer) for layer in layers], counts, color="tab:blue")
+    ax.axhline(num_experts, color="grey", linestyle="--", linewidth=1, label=f"all {num_experts} experts")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("selected experts")
+    ax.set_title(f"{config.num_selected} experts selected over {len(layers)} MoE layers", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

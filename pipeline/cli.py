@@ -129,6 +129,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.config import build_config, read_yaml
+    from pipeline.tune import SweepConfig, run_sweep
+
+    overrides = {"run_dir": args.run_dir, "max_concurrent_trials": args.max_concurrent_trials}
+    run_sweep(build_config(SweepConfig, read_yaml(args.config), overrides, where=args.config), restart=args.restart)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline.register import generate_text
+
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the generated text
+        text = generate_text(args.model, args.prompt, tracking_uri=args.tracking_uri, max_new_tokens=args.max_new_tokens,
+                             trust_remote_code=args.trust_remote_code)
+    print(text)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from esft.pretrain import ASSET_DIR, PretrainRecipe, pretrain
+
+    recipe = PretrainRecipe(**{k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None})
+    pretrain(recipe, Path(args.out or ASSET_DIR), overwrite=args.overwrite)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from esft.synthetic import write_corpus
+
+    paths = write_corpus(args.out, seed=args.seed, train_rows=args.train_rows, eval_rows=args.eval_rows, general_rows=args.train_rows)
+    print(f"wrote {len(paths)} domains ({', '.join(paths)}) x train/eval -> {args.out}")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipeline.quickstart import run_quickstart
 
@@ -151,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="pipeline YAML (see configs/quickstart.yaml)")
     p.add_argument("--run-dir", help="override the config's run directory")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over expert selection, tracked in MLflow, best adapter registered")
+    p.add_argument("--config", required=True, help="sweep YAML (see configs/sweep.yaml)")
+    p.add_argument("--run-dir", help="override the config's run directory")
+    p.add_argument("--max-concurrent-trials", type=int, help="override the config's max_concurrent_trials")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished sweep in the run directory instead of resuming it")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("generate", help="greedy generation from a registered adapter (models:/NAME@champion) or a model")
+    p.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, a model directory or hub id")
+    p.add_argument("--prompt", required=True, help="the user message (formatted with the reference template)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI of the registry (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("profile", help="profile expert routing of task corpora on Ray Data (scores, summary, heatmaps)")
     p.add_argument("--config", help="YAML file with these settings; flags override it")
@@ -239,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_model_args(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("pretrain", help="the recipe of the embedded mini-moe: tokenizer + MoE pretraining on generated data")
+    p.add_argument("--out", help="model directory (default: the package's esft/assets/mini-moe)")
+    p.add_argument("--steps", type=int, help="pretraining steps (default 2400, about 25 minutes on 2 CPU cores)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("data", help="write the generated task corpora (math, code, intent, law, translation, summary, general)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-rows", type=int, default=2000)
+    p.add_argument("--eval-rows", type=int, default=200)
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("quickstart", help="profile -> select -> train -> save -> merge on the embedded default")
     p.add_argument("--out", default="runs/quickstart")

@@ -106,6 +106,23 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, stops: list[str]) -> list[str]:
+    """Greedy continuations of already formatted prompts (left-padded batch), cut at the first stop."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad)
+    return [cut_at_stop(t, stops) for t in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+
+
 def load_evaluated_model(config: EvalConfig):
     """The model under evaluation: --merged weights, or --model plus an ESFT --adapter, spread over
     the GPUs Ray gave this process (if any)."""
@@ -133,24 +150,13 @@ class Generator:
         torch.set_num_threads(threads)
         self.model = load_evaluated_model(self.config)
         self.tokenizer = cached_tokenizer(self.config.tokenizer or self.config.model, self.config.trust_remote_code)
-        self.device = next(self.model.parameters()).device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         torch.set_num_threads(self.threads)  # Ray Data calls us on its own thread (see pipeline/profile.py)
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        encoded = [([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(p, add_special_tokens=False)
-                   for p in batch["prompt"]]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)  # left padding
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device)
-        with torch.inference_mode():
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                         max_new_tokens=self.config.max_new_tokens, pad_token_id=pad)
-        texts = tok.batch_decode(output[:, width:], skip_special_tokens=True)
-        return {"index": batch["index"], "prediction": np.asarray([cut_at_stop(t, self.config.stop) for t in texts], dtype=object)}
+        texts = generate_batch(self.model, self.tokenizer, list(batch["prompt"]), self.config.max_new_tokens, self.config.stop)
+        return {"index": batch["index"], "prediction": np.asarray(texts, dtype=object)}
 
 
 def general_loss(config: EvalConfig) -> dict:
@@ -159,7 +165,12 @@ def general_loss(config: EvalConfig) -> dict:
 
     import torch
 
-    from esft.data import collate_rows, pack_samples, read_conversations, tokenize_conversations
+    from esft.data import (
+        collate_rows,
+        pack_samples,
+        read_conversations,
+        tokenize_conversations,
+    )
     from esft.training import mean_loss
     from pipeline.data import cached_tokenizer, pad_id_of
 
@@ -226,7 +237,10 @@ def run_eval(config: EvalConfig) -> dict:
     metrics = {"n": len(rows), **score(predictions, [r["answers"] for r in rows], config.metric),
                "generation_seconds": time.perf_counter() - started}
     # Both load the model: run them where a replica would run (on the GPU nodes, not the driver).
-    resources = {"num_cpus": placement["num_cpus"], **({"num_gpus": config.gpus_per_replica} if config.gpus_per_replica else {})}
+    # "DEFAULT" scheduling: inside a Tune trial, tasks would otherwise be confined to the trial's own
+    # (deliberately empty) placement group.
+    resources = {"num_cpus": placement["num_cpus"], "scheduling_strategy": "DEFAULT",
+                 **({"num_gpus": config.gpus_per_replica} if config.gpus_per_replica else {})}
     on_replica = ray.remote(**resources)
     if config.general_data:
         metrics.update(ray.get(on_replica(general_loss).remote(config)))

@@ -2,9 +2,11 @@
 
 A registered version is the adapter directory (expert_cfg.json + model.safetensors) logged as a
 run artifact, tagged with its base model and selection; the alias `champion` moves to a new
-version only when its metric beats the current champion's. Load one back with
+version only when its metric beats the current champion's. Load one back and generate with
 
-    model = pipeline.register.load_registered("models:/esft-intent@champion")
+    esft generate models:/esft-sweep@champion --prompt "What is 3 plus 4?" --tracking-uri sqlite:///$PWD/runs/sweep/mlflow.db
+
+or in Python `model, base = pipeline.register.load_registered("models:/esft-sweep@champion")`.
 
 MLflow 3.17 refuses file-store tracking URIs, so the default is a SQLite database in the run
 directory with an explicit artifact location beside it.
@@ -33,7 +35,7 @@ def default_tracking_uri(run_dir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
-def _experiment(client, name: str, artifact_root: Path) -> str:
+def get_or_create_experiment(client, name: str, artifact_root: Path) -> str:
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
@@ -57,33 +59,41 @@ def register_adapter(
     `model_name`, and move the champion alias to it if it beats the current champion."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     if metric_name not in metrics or not math.isfinite(float(metrics[metric_name])):
         raise ValueError(f"register: the metric {metric_name!r} to rank versions by is missing or not finite")
     uri = tracking_uri or default_tracking_uri(run_dir)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = _experiment(client, experiment, Path(run_dir) / "mlartifacts")
+    experiment_id = get_or_create_experiment(client, experiment, Path(run_dir) / "mlartifacts")
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{model_name}-{tags.get('score_function', '')}") as run:
         mlflow.log_params({k: str(v) for k, v in params.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)})
         mlflow.set_tags(tags)
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         source = f"{run.info.artifact_uri}/adapter"
+    return register_version(client, model_name, source, run.info.run_id, metric_name, float(metrics[metric_name]), tags,
+                            uri, higher_is_better)
+
+
+def register_version(client, model_name: str, source: str, run_id: str, metric_name: str, value: float,
+                     tags: dict[str, str], tracking_uri: str, higher_is_better: bool = True) -> Registration:
+    """A new version of `model_name` from an adapter already logged at `source` by run `run_id`;
+    the champion alias moves to it only if it beats the current champion on `metric_name`."""
+    from mlflow.exceptions import MlflowException
+
     try:
         client.create_registered_model(model_name)
     except MlflowException:
         pass  # it exists already
-    value = float(metrics[metric_name])
     version = client.create_model_version(
-        model_name, source, run_id=run.info.run_id,
+        model_name, source, run_id=run_id,
         tags={**tags, "metric_name": metric_name, "metric": repr(value)},
     )
     champion = _beats_champion(client, model_name, metric_name, value, higher_is_better)
     if champion:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
-    return Registration(model_name, str(version.version), run.info.run_id, champion, uri)
+    return Registration(model_name, str(version.version), run_id, champion, tracking_uri)
 
 
 def _beats_champion(client, model_name: str, metric_name: str, value: float, higher_is_better: bool) -> bool:
@@ -99,8 +109,18 @@ def _beats_champion(client, model_name: str, metric_name: str, value: float, hig
     return value > best if higher_is_better else value < best
 
 
+def _version_of(client, model_uri: str):
+    """The registry entry behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = name.partition("/")
+    return client.get_model_version(name, version)
+
+
 def load_registered(model_uri: str, tracking_uri: str | None = None, base_model: str | None = None):
-    """Base model + adapter from a registry URI such as `models:/NAME@champion`."""
+    """(model, base model id): the base model with the registered adapter loaded into it, from a
+    registry URI such as `models:/NAME@champion`."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -110,9 +130,26 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, base_model:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
-    name, _, alias = model_uri.removeprefix("models:/").partition("@")
-    tags = MlflowClient().get_model_version_by_alias(name, alias).tags if alias else {}
+    tags = _version_of(MlflowClient(), model_uri).tags
     base = base_model or tags.get("base_model") or adapter_summary(local)["base_model"]
     model = load_model(base)
     load_adapter(model, local, master_dtype=None)
-    return model.eval()
+    return model.eval(), base
+
+
+def generate_text(model: str, prompt: str, tracking_uri: str | None = None, max_new_tokens: int = 64,
+                  trust_remote_code: bool = False) -> str:
+    """Greedy answer to one user message from a registered adapter (`models:/NAME@champion`) on its
+    base model, or from a plain model directory / hub id."""
+    from esft.data import PROMPT_ASSISTANT, PROMPT_USER
+    from esft.model import load_model
+    from pipeline.data import cached_tokenizer
+    from pipeline.evaluate import generate_batch
+
+    if model.startswith("models:/"):
+        loaded, base = load_registered(model, tracking_uri=tracking_uri)
+    else:
+        loaded, base = load_model(model, trust_remote_code=trust_remote_code).eval(), model
+    tokenizer = cached_tokenizer(base, trust_remote_code)
+    return generate_batch(loaded, tokenizer, [PROMPT_USER.format(input=prompt.strip()) + PROMPT_ASSISTANT], max_new_tokens,
+                          ["\n\n", "User:"])[0].strip()

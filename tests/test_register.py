@@ -39,7 +39,7 @@ def test_versions_champion_alias_and_loading(tmp_path):
     assert (first.version, worse.version, better.version) == ("1", "2", "3")
     assert first.champion and not worse.champion and better.champion
 
-    loaded = load_registered("models:/esft-test@champion", tracking_uri=common["tracking_uri"])
+    loaded, _ = load_registered("models:/esft-test@champion", tracking_uri=common["tracking_uri"])
     ids = torch.randint(4, 300, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, trained(ids).logits)

@@ -1,0 +1,122 @@
+"""MLflow tracking of a sweep: one parent run, one nested run per trial, written by the driver.
+
+Trials write their artifacts to disk and report numbers to Tune; this Tune callback, running in
+the driver, turns each finished or failed trial into a nested MLflow run. A single writer keeps
+the default SQLite store safe however many trials run at once, and a trial's run is looked up by
+its `esft.trial_id` tag first, so a restored sweep never logs a trial twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ray.tune import Callback
+
+TRIAL_TAG = "esft.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+STEP_METRICS = ("loss", "valid_loss", "general_loss", "tokens_per_second")
+
+
+def start_parent_run(tracking_uri: str, experiment: str, artifact_root: Path, sweep_name: str, params: dict,
+                     existing_run_id: str | None) -> str:
+    """The sweep's parent run: reopened when the sweep resumes, created otherwise."""
+    from mlflow import MlflowClient
+
+    from pipeline.register import get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if existing_run_id:
+        client.update_run(existing_run_id, status="RUNNING")
+        return existing_run_id
+    experiment_id = get_or_create_experiment(client, experiment, artifact_root)
+    run = client.create_run(experiment_id, run_name=sweep_name, tags={"esft.kind": "sweep"})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    return run.info.run_id
+
+
+def finish_parent_run(tracking_uri: str, run_id: str, metrics: dict[str, float], artifacts: list[Path], status: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            client.log_metric(run_id, key, float(value))
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status=status)
+
+
+def _numbers(values: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+class SweepTracker(Callback):
+    """Logs every trial of the sweep as a nested run of `parent_run_id`."""
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, base_model: str, data_hash: str):
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self.base_model = base_model
+        self.data_hash = data_hash
+
+    def _client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def trial_run_id(self, trial_id: str) -> str | None:
+        client = self._client()
+        experiment_id = client.get_run(self.parent_run_id).info.experiment_id
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    def _new_run(self, trial) -> str:
+        client = self._client()
+        experiment_id = client.get_run(self.parent_run_id).info.experiment_id
+        selection = trial.config["selection"]
+        run = client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags={
+            PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, "esft.kind": "trial"})
+        params = {"score_function": selection["score_function"], "top_p": selection.get("top_p"),
+                  "experts_per_layer": selection.get("experts_per_layer"), "lr": trial.config.get("lr"),
+                  "train_shared_experts": trial.config.get("train_shared_experts"), "method": "esft",
+                  "base_model": self.base_model, "data_hash": self.data_hash}
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, str(value))
+        return run.info.run_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.trial_run_id(trial.trial_id):
+            return  # logged before the sweep was interrupted
+        client, run_id, result = self._client(), self._new_run(trial), trial.last_result
+        for key in ("selected_experts", "trainable_parameters"):
+            client.log_param(run_id, key, str(result.get(key)))
+        work = Path(result["work_dir"])
+        history = json.loads((work / "train" / "metrics.json").read_text()).get("history", [])
+        for record in history:
+            for key, value in _numbers({k: record[k] for k in STEP_METRICS if k in record}).items():
+                client.log_metric(run_id, key, value, step=int(record["step"]))
+        final = {k: v for k, v in _numbers(result).items() if k not in ("selected_experts", "trainable_parameters")
+                 and not k.startswith(("time_", "training_iteration", "timestamp", "pid", "iterations_"))}
+        for key, value in final.items():
+            client.log_metric(run_id, key, value)
+        if result.get("duplicate_of"):
+            client.set_tag(run_id, "esft.duplicate_of", result["duplicate_of"])
+        for name in ("expert_cfg.json", "selection.png", "heatmap.png", "eval/metrics.json"):
+            if (work / name).exists():
+                client.log_artifact(run_id, str(work / name))
+        if not result.get("duplicate_of"):
+            client.log_artifacts(run_id, str(work / "train" / "adapter"), artifact_path="adapter")
+        client.set_terminated(run_id, status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.trial_run_id(trial.trial_id):
+            return
+        client, run_id = self._client(), self._new_run(trial)
+        error = trial.get_error()
+        message = str(error).strip().splitlines()[-1] if error else "unknown error"
+        client.set_tag(run_id, "esft.error", message[:4000])
+        client.set_terminated(run_id, status="FAILED")
