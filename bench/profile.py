@@ -40,13 +40,13 @@ from esft.families import moe_layers  # noqa: E402
 from esft.routing import routing_hooks  # noqa: E402
 from esft.tiny import tiny_tokenizer  # noqa: E402
 from pipeline.profile import ProfileConfig, run_profile  # noqa: E402
-from pipeline.quickstart import arithmetic_corpus  # noqa: E402
+from esft import synthetic  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "profile_model.json"
 
 
 def build_assets(root: Path, n_samples: int) -> tuple[Path, Path]:
-    corpus = arithmetic_corpus(n_samples, seed=0)
+    corpus = synthetic.rows("math", n_samples, seed=0)
     data = root / "task.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in corpus))
     tokenizer = tiny_tokenizer([m["content"] for row in corpus[:2000] for m in row["messages"]], vocab_size=1000)

@@ -30,7 +30,7 @@ from esft.families import fused_expert_params, moe_layers  # noqa: E402
 from esft.scores import empty_scores_for, layer_score_dict, profile_batch  # noqa: E402
 from esft.select import select_experts  # noqa: E402
 from esft.tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from pipeline.quickstart import arithmetic_corpus  # noqa: E402
+from esft import synthetic  # noqa: E402
 from pipeline.train import EXPORT_DIR, TrainConfig, run_train  # noqa: E402
 
 LARGE = dict(hidden_size=384, moe_intermediate_size=512, n_routed_experts=32, num_experts_per_tok=4,
@@ -43,7 +43,7 @@ def directory_bytes(path: Path) -> int:
 
 
 def prepare(root: Path) -> tuple[Path, Path, Path, float]:
-    corpus = arithmetic_corpus(3000, seed=0)
+    corpus = synthetic.rows("math", 3000, seed=0)
     data = root / "task.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in corpus))
     tokenizer = tiny_tokenizer([m["content"] for row in corpus[:1000] for m in row["messages"]], vocab_size=1000)

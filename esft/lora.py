@@ -61,3 +61,10 @@ def lora_config(model: nn.Module, rank: int = 8, alpha: int = 16, include_router
 def apply_lora(model: nn.Module, rank: int = 8, alpha: int = 16, include_router: bool = True) -> nn.Module:
     """The PEFT model with only LoRA tensors trainable."""
     return get_peft_model(model, lora_config(model, rank, alpha, include_router))
+
+
+def merge_lora(base: nn.Module, lora_dir: str) -> nn.Module:
+    """The base model with a saved LoRA adapter folded into its weights (a plain transformers model)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, lora_dir).merge_and_unload()

@@ -1,81 +1,39 @@
-"""The core ESFT path on the embedded default, on one machine, in under a minute:
+"""The core ESFT path on the embedded default, on one machine, in about a minute, without Ray:
 
     esft quickstart --out runs/quickstart
 
-generate a task corpus -> build the default model -> profile expert routing -> select experts
-(token score, p = 0.2) -> train only those experts -> save the adapter -> merge it into a plain
-Hugging Face model and check the merged logits against the trained model.
-
-The embedded default is a tiny DeepSeek-V2-architecture MoE built from a config, with a
-byte-level BPE tokenizer trained on the corpus. Its weights are random, so the routing it shows
-is not specialised: this demonstrates the mechanics, not the method's benefit.
+generate the math task (held out of mini-moe's pretraining) -> load mini-moe -> profile expert
+routing -> select experts (token score, p = 0.2) -> train only those experts -> save the adapter ->
+merge it into a plain Hugging Face model and check the merged logits against the trained model.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from esft import synthetic
 from esft.adapter import adapter_summary, load_adapter, save_adapter
 from esft.data import collate_rows, pack_samples, read_conversations, tokenize_conversations
 from esft.io import atomic_directory, atomic_write_text
+from esft.pretrain import ASSET_DIR
 from esft.scores import SCORES_FILENAME, SUMMARY_FILENAME, empty_scores_for, profile_batch
 from esft.select import CONFIG_FILENAME, load_layer_scores, select_experts
-from esft.tiny import tiny_model, tiny_tokenizer
 from esft.trainable import apply_expert_config, merge_adapter
 from esft.training import make_optimizer, mean_loss, train_step
 
 log = logging.getLogger("esft")
 
-FAMILY = "deepseek_v2"
 SEQ_LENGTH = 128
 BATCH_ROWS = 4
 TOP_P = 0.2
-LEARNING_RATE = 1e-3  # a random tiny model needs more than the paper's 1e-5 to move in a few hundred steps
+LEARNING_RATE = 1e-3  # mini-moe needs more than the paper's 1e-5 (for 16B models) to move in a few hundred steps
 SEED = 0
-
-
-def arithmetic_corpus(n: int, seed: int) -> list[dict]:
-    """Word problems with numeric answers, in the ESFT messages format (deterministic)."""
-    rng = random.Random(seed)
-    ops = [("plus", lambda a, b: a + b), ("minus", lambda a, b: a - b), ("times", lambda a, b: a * b)]
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        word, fn = rng.choice(ops)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"Tom has {a} apples. What is {a} {word} {b}?"},
-                    {"role": "assistant", "content": f"{a} {word} {b} is {fn(a, b)}. The answer is {fn(a, b)}."},
-                ]
-            }
-        )
-    return rows
-
-
-def general_corpus(n: int, seed: int) -> list[dict]:
-    """A general-domain mixture (greetings, facts, descriptions) whose loss tracks forgetting."""
-    rng = random.Random(seed)
-    names = ["Ada", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
-    places = ["the park", "the library", "the market", "the river", "the station", "the garden"]
-    things = ["a red kite", "an old map", "a warm coat", "a small boat", "a green lamp", "a blue cup"]
-    templates = [
-        (lambda: f"Say hello to {rng.choice(names)}.", lambda q: f"Hello, {q.split()[-1].rstrip('.')}! Nice to meet you."),
-        (lambda: f"Where did {rng.choice(names)} go today?", lambda q: f"{q.split()[2]} went to {rng.choice(places)}."),
-        (lambda: f"Describe {rng.choice(things)}.", lambda q: f"It is {q[9:].rstrip('.')}, simple and useful."),
-    ]
-    rows = []
-    for _ in range(n):
-        ask, answer = rng.choice(templates)
-        question = ask()
-        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer(question)}]})
-    return rows
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -91,17 +49,14 @@ def run_quickstart(out: Path, steps: int = 200, overwrite: bool = False) -> dict
     started = time.perf_counter()
     torch.manual_seed(SEED)
     with atomic_directory(out, overwrite=overwrite) as run:
-        # 1. data: a task corpus with a held-out split
-        corpus = arithmetic_corpus(600, SEED)
-        train_file = _write_jsonl(run / "data" / "train.jsonl", corpus[:540])
-        valid_file = _write_jsonl(run / "data" / "valid.jsonl", corpus[540:])
-        tokenizer = tiny_tokenizer([m["content"] for row in corpus for m in row["messages"]])
+        # 1. data: the math task, train and held-out split
+        train_file = _write_jsonl(run / "data" / "train.jsonl", synthetic.rows("math", 540, seed=SEED))
+        valid_file = _write_jsonl(run / "data" / "valid.jsonl", synthetic.rows("math", 60, seed=SEED, split="eval"))
 
-        # 2. the base model, saved as a standard Hugging Face directory
-        model = tiny_model(FAMILY, seed=SEED, vocab_size=len(tokenizer))
-        model.save_pretrained(run / "base_model")
-        tokenizer.save_pretrained(run / "base_model")
-        log.info("[1/5] base model: tiny %s, %d parameters -> %s", FAMILY, model.num_parameters(), out / "base_model")
+        # 2. the base model: mini-moe, a standard Hugging Face directory inside the package
+        model = AutoModelForCausalLM.from_pretrained(ASSET_DIR, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(ASSET_DIR)
+        log.info("[1/5] base model: mini-moe, %d parameters (%s)", model.num_parameters(), ASSET_DIR)
 
         def packed(path):
             samples = tokenize_conversations(read_conversations(path), tokenizer)
@@ -138,7 +93,7 @@ def run_quickstart(out: Path, steps: int = 200, overwrite: bool = False) -> dict
 
         # 5. adapter, then a merged standalone model, checked against the trained one
         save_adapter(model, run / "adapter", config)
-        reloaded = tiny_model(FAMILY, seed=SEED, vocab_size=len(tokenizer))
+        reloaded = AutoModelForCausalLM.from_pretrained(ASSET_DIR, dtype=torch.float32)
         load_adapter(reloaded, run / "adapter")
         merge_adapter(reloaded).save_pretrained(run / "merged")
         tokenizer.save_pretrained(run / "merged")
@@ -160,5 +115,5 @@ def run_quickstart(out: Path, steps: int = 200, overwrite: bool = False) -> dict
         atomic_write_text(run / "report.json", json.dumps(report, indent=2))
     log.info("[5/5] adapter (%d bytes) -> %s ; merged model -> %s", report["adapter_bytes"], out / "adapter", out / "merged")
     log.info("done in %.1fs. Next: esft inspect %s ; esft merge --model %s --adapter %s --out merged/",
-             report["seconds"], out / "merged", out / "base_model", out / "adapter")
+             report["seconds"], out / "merged", ASSET_DIR, out / "adapter")
     return report

@@ -90,23 +90,20 @@ def stage(run_dir: Path, name: str, inputs: dict, work: Callable[[], object]) ->
 
 
 def prepare_embedded(out: Path) -> dict:
-    """The embedded default: the tiny DeepSeek-V2 model with a tokenizer, an arithmetic task
-    (train/eval) and a general-domain mixture, all generated from fixed seeds."""
-    from esft.tiny import tiny_model, tiny_tokenizer
-    from pipeline.quickstart import arithmetic_corpus, general_corpus
+    """The embedded default: mini-moe (shipped inside the package) and the math task its
+    pretraining held out (train / eval), plus general-domain rows for forgetting, generated from
+    fixed seeds."""
+    from esft import synthetic
+    from esft.pretrain import ASSET_DIR
 
-    task, general = arithmetic_corpus(1200, seed=0), general_corpus(200, seed=1)
+    if not (ASSET_DIR / "model.safetensors").exists():
+        raise ConfigError(f"the embedded model is missing at {ASSET_DIR}; rebuild it with `esft pretrain` or reinstall the package")
     data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", task[:1100]), ("eval", task[1100:1164]), ("general", general)):
+    splits = {"train": synthetic.rows("math", 1100, seed=0), "eval": synthetic.rows("math", 64, seed=0, split="eval"),
+              "general": synthetic.rows(synthetic.GENERAL, 200, seed=0, split="eval")}
+    for name, rows in splits.items():
         atomic_write_text(data / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    tokenizer = tiny_tokenizer([m["content"] for row in task + general for m in row["messages"]])
-    model_dir = out / "base_model"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    tiny_model("deepseek_v2", vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return {"model": str(model_dir), "train_data": str(data / "train.jsonl"), "eval_data": str(data / "eval.jsonl"),
+    return {"model": str(ASSET_DIR), "train_data": str(data / "train.jsonl"), "eval_data": str(data / "eval.jsonl"),
             "general_data": str(data / "general.jsonl")}
 
 

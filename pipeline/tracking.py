@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from ray.tune import Callback
@@ -17,6 +18,7 @@ from ray.tune import Callback
 TRIAL_TAG = "esft.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 STEP_METRICS = ("loss", "valid_loss", "general_loss", "tokens_per_second")
+DRIVER_EXIT_ENV = "ESFT_TUNE_DRIVER_EXIT_AFTER"  # N: the driver dies after logging N trials (resume tests)
 
 
 def start_parent_run(tracking_uri: str, experiment: str, artifact_root: Path, sweep_name: str, params: dict,
@@ -62,6 +64,7 @@ class SweepTracker(Callback):
         self.parent_run_id = parent_run_id
         self.base_model = base_model
         self.data_hash = data_hash
+        self.logged = 0  # trials logged by this driver process
 
     def _client(self):
         from mlflow import MlflowClient
@@ -111,6 +114,9 @@ class SweepTracker(Callback):
         if not result.get("duplicate_of"):
             client.log_artifacts(run_id, str(work / "train" / "adapter"), artifact_path="adapter")
         client.set_terminated(run_id, status="FINISHED")
+        self.logged += 1
+        if os.environ.get(DRIVER_EXIT_ENV) and self.logged >= int(os.environ[DRIVER_EXIT_ENV]):
+            os._exit(1)  # resume testing: the driver disappears, as after a crash or a lost head node
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if self.trial_run_id(trial.trial_id):

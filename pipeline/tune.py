@@ -96,9 +96,6 @@ class SweepConfig:
 
     def objective_spec(self, eval_metrics: list[str]) -> tuple[str, str, float]:
         """(metric, mode, general_loss_weight): the first eval metric by default, else validation loss."""
-        unknown = set(self.objective) - {"metric", "mode", "general_loss_weight"}
-        if unknown:
-            raise ConfigError(f"tune: unknown objective setting(s) {', '.join(sorted(unknown))}; known: metric, mode, general_loss_weight")
         metric = self.objective.get("metric") or (eval_metrics[0] if eval_metrics else "valid_loss")
         mode = self.objective.get("mode") or ("min" if metric.endswith("loss") else "max")
         if mode not in ("max", "min"):
@@ -107,6 +104,9 @@ class SweepConfig:
 
     def validate(self) -> None:
         self.pipeline().validate()
+        unknown = set(self.objective) - {"metric", "mode", "general_loss_weight"}
+        if unknown:
+            raise ConfigError(f"tune: unknown objective setting(s) {', '.join(sorted(unknown))}; known: metric, mode, general_loss_weight")
         self.space().validate()
         if int(self.max_concurrent_trials) < 1:
             raise ConfigError("tune: max_concurrent_trials must be a positive integer")
@@ -197,7 +197,8 @@ def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict,
         train_cfg.lr = lr
     train_cfg.eval_every = min(train_cfg.eval_every, train_cfg.steps)
     # An interrupted earlier attempt of this same selection continues from its checkpoint.
-    train_cfg.resume = (work / "train" / "ray" / "train").exists() and not (work / "train" / "metrics.json").exists()
+    checkpoints = list((work / "train" / "ray" / "train").glob("checkpoint_*"))
+    train_cfg.resume = bool(checkpoints) and not (work / "train" / "metrics.json").exists()
     if (work / "train").exists() and not train_cfg.resume:
         shutil.rmtree(work / "train")
     trained = run_train(train_cfg)

@@ -16,7 +16,7 @@ from esft.select import ExpertConfig
 from esft.trainable import apply_expert_config
 from pipeline.config import ConfigError
 from pipeline.evaluate import EvalConfig, cut_at_stop, read_eval_rows, run_eval
-from pipeline.quickstart import arithmetic_corpus
+from esft import synthetic
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -26,7 +26,7 @@ STOPS = ["\n\n", "User:"]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    corpus = arithmetic_corpus(60, seed=4)
+    corpus = synthetic.rows("math", 60, seed=4)
     model_dir = save_model_with_tokenizer(root / "model", corpus)
     return {"root": root, "model": model_dir, "corpus": corpus}
 

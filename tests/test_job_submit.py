@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.quickstart import arithmetic_corpus
+from esft import synthetic
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def head_node(tmp_path_factory):
 
 
 def test_profile_stage_runs_as_a_ray_job(head_node, tmp_path):
-    corpus = arithmetic_corpus(40, seed=5)
+    corpus = synthetic.rows("math", 40, seed=5)
     model = save_model_with_tokenizer(tmp_path / "model", corpus)
     data = write_jsonl(tmp_path / "task.jsonl", corpus)
     out = tmp_path / "profile"

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.data import pack_block
 from pipeline.profile import ProfileConfig, run_profile
-from pipeline.quickstart import arithmetic_corpus
+from esft import synthetic
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -27,7 +27,7 @@ SEQ_LEN, BATCH = 64, 4
 def assets(tmp_path_factory):
     """A tiny DeepSeek-V2 with a tokenizer, saved as a model directory, and two task corpora."""
     root = tmp_path_factory.mktemp("profile")
-    corpus = arithmetic_corpus(120, seed=1)
+    corpus = synthetic.rows("math", 120, seed=1)
     model_dir = save_model_with_tokenizer(root / "model", corpus)
     math = write_jsonl(root / "math.jsonl", corpus)
     chat = write_jsonl(root / "chat.jsonl", [

@@ -9,7 +9,7 @@ from esft.adapter import save_adapter
 from esft.families import moe_layers
 from esft.select import ExpertConfig
 from esft.trainable import apply_expert_config
-from pipeline.quickstart import arithmetic_corpus
+from esft import synthetic
 from pipeline.register import load_registered, register_adapter
 from tests.conftest import save_model_with_tokenizer
 
@@ -26,7 +26,7 @@ def make_adapter(model_dir, out, scale: float):
 
 
 def test_versions_champion_alias_and_loading(tmp_path):
-    model_dir = save_model_with_tokenizer(tmp_path / "base", arithmetic_corpus(20, seed=1))
+    model_dir = save_model_with_tokenizer(tmp_path / "base", synthetic.rows("math", 20, seed=1))
     common = dict(model_name="esft-test", run_dir=tmp_path, metric_name="exact_match", params={"top_p": 0.2},
                   tags={"base_model": str(model_dir), "family": "deepseek_v2", "score_function": "token"},
                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

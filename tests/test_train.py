@@ -16,7 +16,7 @@ from esft.select import ExpertConfig
 from esft.trainable import merge_adapter
 from pipeline.config import ConfigError
 from pipeline.deepspeed_config import PRESETS, preset
-from pipeline.quickstart import arithmetic_corpus
+from esft import synthetic
 from pipeline.train import FAULT_ENV, TrainConfig, run_train
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
@@ -27,10 +27,10 @@ EXPERTS = {"1": [0, 5], "2": [3], "3": [7, 8, 9]}
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    corpus = arithmetic_corpus(200, seed=2)
+    corpus = synthetic.rows("math", 200, seed=2)
     save_model_with_tokenizer(root / "model", corpus)
     write_jsonl(root / "train.jsonl", corpus[:180])
-    write_jsonl(root / "general.jsonl", arithmetic_corpus(20, seed=9))
+    write_jsonl(root / "general.jsonl", synthetic.rows("math", 20, seed=9))
     ExpertConfig(EXPERTS).save(root / "expert_cfg.json")
     return root
 
