@@ -102,7 +102,7 @@ class SweepTracker(Callback):
         for record in history:
             for key, value in _numbers({k: record[k] for k in STEP_METRICS if k in record}).items():
                 client.log_metric(run_id, key, value, step=int(record["step"]))
-        final = {k: v for k, v in _numbers(result).items() if k not in ("selected_experts", "trainable_parameters")
+        final = {k: v for k, v in _numbers(result).items() if k not in ("selected_experts", "trainable_parameters", *STEP_METRICS)
                  and not k.startswith(("time_", "training_iteration", "timestamp", "pid", "iterations_"))}
         for key, value in final.items():
             client.log_metric(run_id, key, value)

@@ -7,6 +7,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
+from esft.pretrain import ASSET_DIR
 from esft.select import load_expert_config
 from pipeline.cli import main as esft
 
@@ -21,7 +22,7 @@ def test_quickstart_runs_the_core_path(tmp_path):
     assert config.num_selected == report["selected_experts"] >= 3  # at least one per MoE layer
     assert (out / "profile" / "summary.json").exists() and (out / "profile" / "expert_scores.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    base = AutoModelForCausalLM.from_pretrained(ASSET_DIR)  # mini-moe, the embedded default
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert changed and all(".mlp.experts." in n for n in changed)
 
