@@ -127,10 +127,12 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, base_model:
     from esft.adapter import adapter_summary, load_adapter
     from esft.model import load_model
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
-    tags = _version_of(MlflowClient(), model_uri).tags
+    # No mlflow.set_tracking_uri: it would also redirect every later MLflow call of this process.
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = _version_of(client, model_uri)
+    source = client.get_model_version_download_uri(version.name, version.version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)
+    tags = version.tags
     base = base_model or tags.get("base_model") or adapter_summary(local)["base_model"]
     model = load_model(base)
     load_adapter(model, local, master_dtype=None)

@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from esft import synthetic
+from esft.trainable import merge_adapter
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +123,9 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
     version = client.get_model_version_by_alias("tune-test", "champion")
     assert version.tags["selected_experts"] == str(summary["best"]["experts"]) and version.tags["metric_name"] == "numeric"
     model, base = load_registered("models:/tune-test@champion", tracking_uri=summary["tracking_uri"])
-    assert base == str(assets / "model") and any(n.startswith("esft_") for n, _ in model.named_parameters())
+    untouched = dict(AutoModelForCausalLM.from_pretrained(base).named_parameters())
+    changed = [n for n, p in merge_adapter(model).named_parameters() if not torch.equal(p, untouched[n])]
+    assert base == str(assets / "model") and changed and all(".mlp.experts." in n for n in changed)  # the adapter is in
     text = generate_text("models:/tune-test@champion", "Tom has 3 apples. What is 3 plus 4?",
                          tracking_uri=summary["tracking_uri"], max_new_tokens=4)
     assert isinstance(text, str)
@@ -135,6 +140,7 @@ def test_a_failing_trial_is_marked_failed_in_mlflow(assets, tmp_path, fresh_ray,
 
     # A Train worker dies after its step-2 report and the trial allows no restart: the trial fails.
     monkeypatch.setenv(FAULT_ENV, f"2:0:{tmp_path / 'fault-marker'}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ray.init(num_cpus=2, include_dashboard=False)
     run_dir = tmp_path / "failing"
     config = build_config(SweepConfig, read_yaml(sweep_yaml(assets, run_dir)), {})
