@@ -103,7 +103,7 @@ def mini_moe_config(vocab_size: int) -> PretrainedConfig:
         moe_intermediate_size=32,
         topk_method="greedy",
         routed_scaling_factor=1.0,
-        max_position_embeddings=1024,
+        max_position_embeddings=256,  # the context it is pretrained on (seq_len); longer inputs degrade
         tie_word_embeddings=False,
         bos_token_id=0,  # tiny_tokenizer's special tokens
         eos_token_id=1,

@@ -177,7 +177,9 @@ def general_loss(config: EvalConfig) -> dict:
     tokenizer = cached_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     model = load_evaluated_model(config)
     device = next(model.parameters()).device
-    rows = pack_samples(tokenize_conversations(read_conversations(config.general_data), tokenizer), config.seq_len,
+    # Rows longer than the model's context would measure position extrapolation, not forgetting.
+    seq_len = min(config.seq_len, getattr(model.config, "max_position_embeddings", None) or config.seq_len)
+    rows = pack_samples(tokenize_conversations(read_conversations(config.general_data), tokenizer), seq_len,
                         pad_id=pad_id_of(tokenizer), bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)
     batches = [{k: v.to(device) for k, v in collate_rows(rows[i:i + config.batch_size]).items()}
                for i in range(0, len(rows), config.batch_size)]
