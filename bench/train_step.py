@@ -1,6 +1,7 @@
 """One training step of ESFT vs full fine-tuning vs the limit, side by side in one process.
 
     python bench/train_step.py [--sizes large small] [--repeats 7]
+    python bench/train_step.py --device cuda --dtype bfloat16 --sizes lite     # on a GPU
 
 Same model, same weights, same batch for the three variants:
 - fft: every parameter trainable, AdamW over all of them;
@@ -57,6 +58,14 @@ SIZES = {
         batch=4, seq=512,
     ),
     "small": dict(model=dict(), batch=4, seq=128),
+    # DeepSeek-V2-Lite's MoE layer shape (64 experts of 1408, top-6, 2 shared, MLA), 4 layers: a GPU size.
+    "lite": dict(
+        model=dict(hidden_size=2048, moe_intermediate_size=1408, n_routed_experts=64, num_experts_per_tok=6,
+                   n_shared_experts=2, num_hidden_layers=4, first_k_dense_replace=0, num_attention_heads=16,
+                   num_key_value_heads=16, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                   v_head_dim=128, max_position_embeddings=4096),
+        batch=2, seq=4096,
+    ),
 }
 TOP_P = 0.2
 
@@ -97,16 +106,20 @@ def make_variants(base, input_ids):
     }
 
 
-def measure(size: str, repeats: int, warmup: int = 2) -> dict:
+def measure(size: str, repeats: int, device: str = "cpu", dtype: str = "float32", warmup: int = 2) -> dict:
     spec = SIZES[size]
-    base = tiny_model("deepseek_v2", seed=0, **spec["model"])
+    with torch.device(device):  # built in place: the GPU sizes are too large to initialise on a CPU quickly
+        base = tiny_model("deepseek_v2", seed=0, dtype=getattr(torch, dtype), **spec["model"])
     input_ids = torch.randint(4, base.config.vocab_size, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.to(device)
     steps, extra = make_variants(base, input_ids)
     times = {name: [] for name in steps}
     for round_ in range(warmup + repeats):
         for name, step in steps.items():
             start = time.perf_counter()
             step()
+            if device != "cpu":
+                torch.cuda.synchronize()  # kernels run asynchronously: time the work, not the launch
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -132,6 +145,7 @@ def measure(size: str, repeats: int, warmup: int = 2) -> dict:
         },
         "config": {"family": "deepseek_v2", **spec["model"], "batch": spec["batch"], "seq": spec["seq"],
                    "selection": f"token p={TOP_P}", "repeats": repeats, "threads": torch.get_num_threads(),
+                   "device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "dtype": dtype,
                    "optimizer": "AdamW (fused)", "allocator_env": _ALLOCATOR_ENV},
     }
 
@@ -140,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["large", "small"], choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
     results = {}
     for size in args.sizes:
-        results[size] = measure(size, args.repeats)
+        results[size] = measure(size, args.repeats, args.device, args.dtype)
         print(f"{size}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[size]["ratios"].items()), file=sys.stderr)
     headline = results[args.sizes[0]]
     ratios = dict(headline["ratios"])
