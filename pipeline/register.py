@@ -57,21 +57,24 @@ def register_adapter(
 ) -> Registration:
     """Log the adapter and its numbers as an MLflow run, register it as a new version of
     `model_name`, and move the champion alias to it if it beats the current champion."""
-    import mlflow
     from mlflow import MlflowClient
 
     if metric_name not in metrics or not math.isfinite(float(metrics[metric_name])):
         raise ValueError(f"register: the metric {metric_name!r} to rank versions by is missing or not finite")
     uri = tracking_uri or default_tracking_uri(run_dir)
-    mlflow.set_tracking_uri(uri)
+    # An explicit client, never mlflow.set_tracking_uri: that would also redirect (through the
+    # MLFLOW_TRACKING_URI variable it sets) every later MLflow call of this process and its children.
     client = MlflowClient(tracking_uri=uri)
     experiment_id = get_or_create_experiment(client, experiment, Path(run_dir) / "mlartifacts")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{model_name}-{tags.get('score_function', '')}") as run:
-        mlflow.log_params({k: str(v) for k, v in params.items()})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-        mlflow.set_tags(tags)
-        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
-        source = f"{run.info.artifact_uri}/adapter"
+    run = client.create_run(experiment_id, run_name=f"{model_name}-{tags.get('score_function', '')}", tags=tags)
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value))
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            client.log_metric(run.info.run_id, key, float(value))
+    client.log_artifacts(run.info.run_id, str(adapter_dir), artifact_path="adapter")
+    client.set_terminated(run.info.run_id)
+    source = f"{run.info.artifact_uri}/adapter"
     return register_version(client, model_name, source, run.info.run_id, metric_name, float(metrics[metric_name]), tags,
                             uri, higher_is_better)
 

@@ -69,12 +69,13 @@ def mlflow_runs(run_dir: Path):
     return client, [r for r in runs if r.data.tags.get("esft.kind") == "sweep"], [r for r in runs if r.data.tags.get("esft.kind") == "trial"]
 
 
-def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_path, fresh_ray):
+def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_path, fresh_ray, monkeypatch):
     from pipeline.config import build_config, read_yaml
     from pipeline.register import generate_text, load_registered
     from pipeline.tracking import DRIVER_EXIT_ENV
     from pipeline.tune import SweepConfig, run_sweep
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's default: SQLite in its run dir
     run_dir = tmp_path / "sweep"
     config_file = sweep_yaml(assets, run_dir)
     # 1. the driver dies right after its second trial was logged
