@@ -118,7 +118,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     run = Path(config.run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     if config.model == EMBEDDED:
-        inputs = stage(run, "assets", {"embedded": 1}, lambda: prepare_embedded(run / "assets"))["result"]
+        inputs = stage(run, "assets", {"embedded": "mini-moe"}, lambda: prepare_embedded(run / "assets"))["result"]
     else:
         inputs = {"model": config.model, "train_data": config.train_data, "eval_data": config.eval_data,
                   "general_data": config.general_data}

@@ -2,7 +2,7 @@
 
     esft tune --config configs/sweep.yaml
 
-profile once (cached by the content hash of model, data and profiling settings) -> one Tune trial
+profile once (cached by a hash of the model files, the data bytes and the profiling settings) -> one Tune trial
 per point of the search space: select (cheap) -> train (a Ray Train run inside the trial) ->
 evaluate -> report. A trial whose selection (and training settings) equals an earlier trial's
 reuses that result instead of retraining. The driver logs a parent MLflow run and one nested run
@@ -120,7 +120,7 @@ def _hash(value: object) -> str:
 
 
 def content_hash(spec: str | None) -> str | None:
-    """Hash of a local file's or directory's bytes (a hub id hashes as its name)."""
+    """Hash of a local data file's or directory's bytes (a hub dataset hashes as its name)."""
     if spec is None:
         return None
     path = Path(spec)
@@ -136,13 +136,26 @@ def content_hash(spec: str | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def model_fingerprint(spec: str) -> str:
+    """A model directory's identity without reading its weights (tens of GB for real models): the
+    config's bytes and each file's name, size and modification time. A hub id is its name."""
+    path = Path(spec)
+    if not path.is_dir():
+        return spec
+    digest = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
 def cached_profile(profile_cfg, run: Path) -> Path:
     """Profile once per (model, data, profiling settings): the result lives under a directory
-    named by their content hash and is reused by every trial and every later sweep."""
+    named by their hash and is reused by every trial and every later sweep."""
     from pipeline.profile import run_profile
 
     settings = {k: v for k, v in asdict(profile_cfg).items() if k not in ("out", "overwrite")}
-    key = _hash({**settings, "model": content_hash(profile_cfg.model), "data": [content_hash(d) for d in profile_cfg.data]})
+    key = _hash({**settings, "model": model_fingerprint(profile_cfg.model), "data": [content_hash(d) for d in profile_cfg.data]})
     target = run / "profiles" / key
     if (target / "expert_scores.json").exists():
         log.info("tune: profile %s cached (same model, data and settings), not recomputed", key)
