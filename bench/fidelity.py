@@ -186,18 +186,23 @@ def table(results: dict, tasks: list[str], args) -> str:
 
 
 def log_to_mlflow(out: Path, summary: dict, markdown: Path) -> None:
-    import mlflow
+    """One run in a SQLite store under --out, through an explicit client (never the global tracking
+    URI, which would leak into later MLflow calls and child processes)."""
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("esft-fidelity")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        "esft-fidelity", artifact_location=(out.resolve() / "mlartifacts").as_uri())
-    with mlflow.start_run(experiment_id=experiment_id, run_name="fidelity"):
-        mlflow.log_params(summary["config"])
-        mlflow.log_metrics({k: v for k, v in summary["ratios"].items() if v == v})
-        mlflow.log_artifact(str(markdown))
-        mlflow.log_artifact(str(out / "fidelity.json"))
+    from pipeline.register import get_or_create_experiment
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    experiment_id = get_or_create_experiment(client, "esft-fidelity", out.resolve() / "mlartifacts")
+    run_id = client.create_run(experiment_id, run_name="fidelity").info.run_id
+    for key, value in summary["config"].items():
+        client.log_param(run_id, key, str(value)[:6000])
+    for key, value in summary["ratios"].items():
+        if value == value:  # NaN ratios (a method that could not be measured) are left out
+            client.log_metric(run_id, key, float(value))
+    client.log_artifact(run_id, str(markdown))
+    client.log_artifact(run_id, str(out / "fidelity.json"))
+    client.set_terminated(run_id)
 
 
 def main() -> int:

@@ -17,10 +17,12 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 
 def load_model(
-    name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False, device_map: str | None = None
+    name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False, device_map: str | None = None,
+    revision: str | None = None,
 ) -> nn.Module:
-    """A causal LM from a hub id or a local directory (safetensors weights only), or one of the
-    built-in random tiny models (`tiny:<family>`, for tests and demos). Checks it is a supported MoE."""
+    """A causal LM from a hub id (at `revision` if given) or a local directory (safetensors weights
+    only), or one of the built-in random tiny models (`tiny:<family>`, for tests and demos). Checks
+    it is a supported MoE."""
     if name_or_path.startswith(TINY_PREFIX):
         family = name_or_path[len(TINY_PREFIX):]
         if family not in TINY_FAMILIES:
@@ -37,6 +39,7 @@ def load_model(
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,  # never unpickle weights
                 device_map=device_map,
+                **({"revision": revision} if revision else {}),
             )
         except OSError as error:
             raise ValueError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error

@@ -143,7 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the generated text
         text = generate_text(args.model, args.prompt, tracking_uri=args.tracking_uri, max_new_tokens=args.max_new_tokens,
-                             trust_remote_code=args.trust_remote_code)
+                             trust_remote_code=args.trust_remote_code, base_model=args.base_model)
     print(text)
     return 0
 
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the user message (formatted with the reference template)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI of the registry (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--base-model", help="a local copy of a registered version's base model, when it was not logged with it")
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -40,7 +40,7 @@ class PipelineConfig:
     select: dict = field(default_factory=lambda: {"score_function": "token", "top_p": 0.2})
     train: dict = field(default_factory=dict)  # TrainConfig settings
     eval: dict = field(default_factory=dict)  # EvalConfig settings
-    register: dict = field(default_factory=dict)  # model_name, metric, tracking_uri
+    register: dict = field(default_factory=dict)  # model_name, metric, tracking_uri, log_base_model, log_merged
 
     def stage_configs(self, model: str, data: dict, run: Path):
         """The typed config of every stage (unknown keys in a section fail here, before any work)."""
@@ -66,6 +66,9 @@ class PipelineConfig:
             raise ConfigError("run: give train_data and eval_data (or use model: embedded)")
         if self.select.get("score_function") not in ("token", "gate"):
             raise ConfigError("run: select.score_function must be token or gate")
+        from pipeline.register import check_register_settings
+
+        check_register_settings(self.register, {"model_name", "metric", "tracking_uri"}, where="run")
 
 
 def _hash(value: object) -> str:
@@ -159,6 +162,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     def register() -> dict:
         from esft.adapter import adapter_summary
+        from pipeline.register import ModelLogging
 
         registration = register_adapter(
             run / "train" / "adapter", model_name=register_cfg["model_name"], run_dir=run, metric_name=register_cfg["metric"],
@@ -166,7 +170,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
             params={**config.select, "selected_experts": selected, "method": train_cfg.method, "base_model": model},
             tags={"base_model": model, "family": adapter_summary(run / "train" / "adapter")["family"], "score_function": config.select["score_function"],
                   "top_p": str(config.select.get("top_p")), "selected_experts": str(selected), "task": Path(inputs["train_data"]).stem},
-            tracking_uri=register_cfg.get("tracking_uri"),
+            tracking_uri=register_cfg.get("tracking_uri"), base_model=model, tokenizer=config.tokenizer,
+            options=ModelLogging.from_settings(register_cfg), trust_remote_code=config.trust_remote_code,
         )
         return asdict(registration)
 

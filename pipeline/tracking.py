@@ -21,9 +21,10 @@ STEP_METRICS = ("loss", "valid_loss", "general_loss", "tokens_per_second")
 DRIVER_EXIT_ENV = "ESFT_TUNE_DRIVER_EXIT_AFTER"  # N: the driver dies after logging N trials (resume tests)
 
 
-def start_parent_run(tracking_uri: str, experiment: str, artifact_root: Path, sweep_name: str, params: dict,
+def start_parent_run(tracking_uri: str, experiment: str, artifact_root: Path | None, sweep_name: str, params: dict,
                      existing_run_id: str | None) -> str:
-    """The sweep's parent run: reopened when the sweep resumes, created otherwise."""
+    """The sweep's parent run: reopened when the sweep resumes, created otherwise (`artifact_root`:
+    where a new experiment keeps artifacts; None lets a tracking server decide)."""
     from mlflow import MlflowClient
 
     from pipeline.register import get_or_create_experiment

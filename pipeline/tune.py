@@ -82,7 +82,7 @@ class SweepConfig:
     search: dict = field(default_factory=dict)
     objective: dict = field(default_factory=dict)  # metric, mode (max|min), general_loss_weight
     max_concurrent_trials: int = 1
-    register: dict = field(default_factory=dict)  # model_name, tracking_uri, enabled
+    register: dict = field(default_factory=dict)  # model_name, tracking_uri, enabled, log_base_model, log_merged
 
     def space(self) -> SearchSpace:
         return build_config(SearchSpace, self.search, {}, where="tune: search")
@@ -110,9 +110,9 @@ class SweepConfig:
         self.space().validate()
         if int(self.max_concurrent_trials) < 1:
             raise ConfigError("tune: max_concurrent_trials must be a positive integer")
-        unknown = set(self.register) - {"model_name", "tracking_uri", "enabled"}
-        if unknown:
-            raise ConfigError(f"tune: unknown register setting(s) {', '.join(sorted(unknown))}; known: model_name, tracking_uri, enabled")
+        from pipeline.register import check_register_settings
+
+        check_register_settings(self.register, {"model_name", "tracking_uri", "enabled"}, where="tune")
 
 
 def _hash(value: object) -> str:
@@ -307,21 +307,22 @@ def _best(rows: list[dict], mode: str) -> dict | None:
     return min(finished, key=lambda r: (sign * r["objective"], r["experts"] or 0))  # ties: fewer experts
 
 
-def _register_best(best: dict, tracker, config: SweepConfig, metric: str, mode: str, base_model: str, task: str) -> dict:
-    from mlflow import MlflowClient
-
+def _register_best(best: dict, tracker, config: SweepConfig, metric: str, mode: str, base_model: str, task: str,
+                   tokenizer: str | None) -> dict:
+    """The best trial's adapter, logged as an MLflow Model of its trial run and registered."""
     from esft.adapter import adapter_summary
-    from pipeline.register import register_version
+    from pipeline.register import ModelLogging, log_models, mlflow_client, register_version
 
     trained_by = json.loads((Path(best["work_dir"]) / "result.json").read_text())["trained_by"]
     run_id = tracker.trial_run_id(trained_by)
-    client = MlflowClient(tracking_uri=tracker.tracking_uri)
-    source = f"{client.get_run(run_id).info.artifact_uri}/adapter"
+    client = mlflow_client(tracker.tracking_uri)
     adapter = Path(best["work_dir"]) / "train" / "adapter"
+    model_id, model_tags = log_models(client, run_id, adapter, base_model, tokenizer, ModelLogging.from_settings(config.register),
+                                      config.trust_remote_code)
     tags = {"base_model": base_model, "family": adapter_summary(adapter)["family"], "task": task,
             "score_function": best["score_function"], "selection": best["setting"], "top_p": best["setting"].removeprefix("p="),
-            "selected_experts": str(best["experts"]), "sweep": config.name}
-    registration = register_version(client, config.register.get("model_name") or config.name, source, run_id, metric,
+            "selected_experts": str(best["experts"]), "sweep": config.name, **model_tags}
+    registration = register_version(client, config.register.get("model_name") or config.name, model_id, run_id, metric,
                                     float(best["metric"]), tags, tracker.tracking_uri, higher_is_better=mode == "max")
     return asdict(registration)
 
@@ -345,7 +346,7 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     from ray import tune
 
     from pipeline.profile import ensure_ray
-    from pipeline.register import default_tracking_uri
+    from pipeline.register import artifact_root, default_tracking_uri
     from pipeline.run import prepare_embedded
     from pipeline.tracking import SweepTracker, finish_parent_run, start_parent_run
 
@@ -370,7 +371,7 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     scores = ExpertScores.load(profile_dir / SCORES_FILENAME)
     data_hash = _hash([content_hash(inputs["train_data"]), content_hash(inputs["eval_data"])])
     tracking_uri = config.register.get("tracking_uri") or default_tracking_uri(run)
-    state["parent_run_id"] = start_parent_run(tracking_uri, "esft-sweeps", run / "mlartifacts", config.name,
+    state["parent_run_id"] = start_parent_run(tracking_uri, "esft-sweeps", artifact_root(tracking_uri, run), config.name,
                                               {"base_model": inputs["model"], "data_hash": data_hash, "objective": metric,
                                                "search": json.dumps(asdict(config.space()))}, state.get("parent_run_id"))
     atomic_write_text(run / "sweep.json", json.dumps(state, indent=1))
@@ -398,7 +399,8 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     best = _best(rows, mode)
     registered = None
     if best and config.register.get("enabled", True):
-        registered = _register_best(best, tracker, config, metric, mode, inputs["model"], Path(str(inputs["train_data"])).stem)
+        registered = _register_best(best, tracker, config, metric, mode, inputs["model"], Path(str(inputs["train_data"])).stem,
+                                    config.tokenizer)
     markdown = summary_markdown(rows, metric, registered)
     atomic_write_text(run / "sweep_summary.md", markdown)
     atomic_write_text(run / "sweep_summary.json", json.dumps({"rows": rows, "best": best, "registered": registered}, indent=1, default=str))
