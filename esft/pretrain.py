@@ -2,18 +2,26 @@
 
     esft pretrain --out esft/assets/mini-moe
 
-A DeepSeek-V2-architecture model (one dense first layer, then MoE layers of 32 fine-grained routed
-experts, top-4, plus one shared expert) with a byte-level BPE tokenizer, pretrained from scratch
-on the generated general-domain mixture plus the intent, law and summary domains
-(`esft.synthetic.PRETRAIN_TASKS`). The downstream domains math, code and translation are held out
-of both the tokenizer and the model, as the paper's "vanilla" model never saw its math and code
-alignment data. Pretraining adds a switch-style load-balancing loss so that all experts are used;
-which experts each domain routes to is left to the model, and the recipe reports it (per-task
-concentration and overlap) in the model directory's `specialisation.json` and README.
+A model in DeepSeek-V2-Lite's proportions, scaled to a 2-core CPU: one dense first layer, then six
+MoE layers of 64 fine-grained routed experts (top-6) plus two shared experts, MLA attention, and a
+byte-level BPE tokenizer trained on every domain. It is pretrained from scratch on
 
-Deterministic for a given seed, torch build and thread count (the recipe pins 2 threads); about
-25 minutes on a 2-core CPU. The result is a standard Hugging Face directory: it loads with
-`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`, no project code.
+- the general-domain mixture and the aligned tasks intent, law and summary in the User/Assistant
+  template (what the paper's vanilla chat model already does well), and
+- raw, unaligned text of every task domain (`esft.synthetic.raw_documents`): arithmetic in prose
+  and worksheets, Python REPL sessions, a Veltish glossary and reader, request logs, law reports,
+  news articles. The held-out tasks math, code and translation are held out of the instruction
+  format only, as in the paper: the vanilla model has the skills but not the alignment.
+
+A batch-level switch balancing loss keeps every expert in use while leaving each domain free to
+concentrate on its own experts (a sequence-level loss would force every sequence, i.e. every
+domain, to spread evenly). After training, `measure_specialisation` checks the gates ESFT's premise
+needs (concentrated, task-specific routing; held-out tasks learnable but not yet aligned) and the
+model card reports them beside DeepSeek-V2-Lite's own figures.
+
+Deterministic for a given seed, torch build and thread count (the recipe pins the threads). The
+result is a standard Hugging Face directory: it loads with `AutoModelForCausalLM.from_pretrained`
+/ `AutoTokenizer.from_pretrained`, no project code.
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from transformers import (
@@ -38,6 +49,8 @@ from transformers import (
 
 from esft import synthetic
 from esft.data import (
+    PROMPT_ASSISTANT,
+    PROMPT_USER,
     Conversation,
     collate_rows,
     pack_samples,
@@ -45,7 +58,9 @@ from esft.data import (
     tokenize_conversations,
 )
 from esft.io import atomic_directory, atomic_write_text
-from esft.report import concentration_table, experts_sets
+from esft.generation import generate_batch
+from esft.metrics import score
+from esft.report import effective_experts, experts_sets, routing_mass_ratio, save_domain_heatmaps, selection_jaccard
 from esft.scores import ExpertScores, empty_scores_for, profile_batch
 from esft.tiny import tiny_tokenizer
 from esft.training import PAPER_BETAS, PAPER_GRAD_CLIP, PAPER_WEIGHT_DECAY, mean_loss
@@ -55,40 +70,54 @@ log = logging.getLogger("esft")
 MODEL_NAME = "mini-moe"
 # The committed result of this recipe, shipped inside the package.
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / MODEL_NAME
+DOMAINS = (*synthetic.TASKS, synthetic.GENERAL)
+MAX_NEW_TOKENS = {"math": 40, "code": 16, "intent": 48, "law": 12, "translation": 32, "summary": 40}
+
+
+BALANCE_SCOPES = ("batch", "sequence")
 
 
 @dataclass
 class PretrainRecipe:
     seed: int = 0
-    steps: int = 2400
+    steps: int = 1200
     batch_rows: int = 16
     seq_len: int = 256
     lr: float = 2e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to this share of lr
-    balance_loss_coef: float = 0.01
+    balance_loss_coef: float = 0.003
+    balance_scope: str = "batch"  # "batch" or "sequence": over which tokens expert load is balanced
     vocab_size: int = 2048
     general_rows: int = 60000
-    task_rows: int = 20000  # per pretraining task
+    task_rows: int = 20000  # per aligned task, in the instruction template
+    raw_documents: int = 5000  # per task domain, raw text
     threads: int = 2
     log_every: int = 50
+    measure_at: tuple[int, ...] = ()  # also measure routing specialisation at these steps
+    measure_rows: int = 400  # rows per domain profiled for the gates (half as many for losses, a quarter generated)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every"):
+        for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"pretrain: {name} must be a positive integer")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.balance_loss_coef < 0:
             raise ValueError("pretrain: lr must be > 0, min_lr_ratio in [0, 1] and balance_loss_coef >= 0")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"pretrain: balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance_scope!r}")
+        if self.task_rows < 0 or self.raw_documents < 0:
+            raise ValueError("pretrain: task_rows and raw_documents must be >= 0")
 
 
 def mini_moe_config(vocab_size: int) -> PretrainedConfig:
-    """The architecture: fine-grained experts as in DeepSeek-V2, scaled to a 2-core CPU."""
+    """The architecture in DeepSeek-V2-Lite's proportions (64 routed experts, top-6, 2 shared
+    experts, one dense layer first, narrow experts), scaled to a 2-core CPU and <= 25 MiB."""
     return AutoConfig.for_model(
         "deepseek_v2",
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,  # the dense first layer
-        num_hidden_layers=5,
+        num_hidden_layers=7,
         first_k_dense_replace=1,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -97,10 +126,10 @@ def mini_moe_config(vocab_size: int) -> PretrainedConfig:
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
         v_head_dim=32,
-        n_routed_experts=32,
-        num_experts_per_tok=4,
-        n_shared_experts=1,
-        moe_intermediate_size=32,
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        n_shared_experts=2,
+        moe_intermediate_size=24,
         topk_method="greedy",
         routed_scaling_factor=1.0,
         max_position_embeddings=256,  # the context it is pretrained on (seq_len); longer inputs degrade
@@ -111,37 +140,86 @@ def mini_moe_config(vocab_size: int) -> PretrainedConfig:
     )
 
 
-def pretraining_conversations(recipe: PretrainRecipe) -> list[Conversation]:
-    """General mixture + the pretraining tasks, shuffled together (held-out tasks never appear)."""
-    records = synthetic.rows(synthetic.GENERAL, recipe.general_rows, seed=recipe.seed)
-    for task in synthetic.PRETRAIN_TASKS:
-        records += synthetic.rows(task, recipe.task_rows, seed=recipe.seed)
-    random.Random(f"pretrain:{recipe.seed}").shuffle(records)
-    return [parse_record(record, f"pretraining row {i}") for i, record in enumerate(records)]
+@dataclass(frozen=True)
+class TemplateDocument:
+    source: str  # the domain it comes from
+    conversation: Conversation
 
 
-def token_blocks(conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
-    """Every conversation in the reference template (<s>User: ...\\n\\nAssistant: ...</s>), concatenated
-    and cut into contiguous blocks [N, seq_len]: language-model pretraining, loss on every token."""
-    stream: list[int] = []
-    for sample in tokenize_conversations(conversations, tokenizer):
-        stream.extend(sample.input_ids)
-    usable = len(stream) // seq_len * seq_len
-    return torch.tensor(stream[:usable], dtype=torch.long).view(-1, seq_len)
+@dataclass(frozen=True)
+class RawDocument:
+    source: str
+    text: str
 
 
-def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+@dataclass
+class PretrainingCorpus:
+    conversations: list[TemplateDocument]  # general + aligned tasks, in the User/Assistant template
+    raw_texts: list[RawDocument]  # raw text of every task domain
+
+    def texts(self) -> list[str]:
+        """Everything the tokenizer is trained on: every domain's words."""
+        return [m.content for d in self.conversations for m in d.conversation.messages] + [d.text for d in self.raw_texts]
+
+
+def pretraining_corpus(recipe: PretrainRecipe) -> PretrainingCorpus:
+    """General mixture + the aligned tasks in the template + raw text of every task domain (the
+    held-out tasks appear only as raw text)."""
+    conversations = []
+    for domain in (synthetic.GENERAL, *synthetic.PRETRAIN_TASKS):
+        count = recipe.general_rows if domain == synthetic.GENERAL else recipe.task_rows
+        conversations += [TemplateDocument(domain, parse_record(record, f"{domain} pretraining row {i}"))
+                          for i, record in enumerate(synthetic.rows(domain, count, seed=recipe.seed))]
+    raw = [RawDocument(domain, text) for domain in synthetic.RAW_GENERATORS
+           for text in synthetic.raw_documents(domain, recipe.raw_documents, recipe.seed)]
+    return PretrainingCorpus(conversations, raw)
+
+
+def token_blocks(corpus: PretrainingCorpus, tokenizer: PreTrainedTokenizerBase, recipe: PretrainRecipe) -> tuple[torch.Tensor, dict]:
+    """Blocks [N, seq_len] for language-model pretraining (loss on every token), and the token mix.
+
+    Each source (a domain's template rows, a domain's raw text) is concatenated on its own and cut
+    into blocks, which are then shuffled: a block holds one domain, as a window of a long web
+    document does. Mixing domains inside every block would leave attention no consistent context
+    to route by, and the experts would specialise on tokens, not on domains."""
+    rng = random.Random(f"pretrain:{recipe.seed}")
+    blocks: list[list[int]] = []
+    tokens = {"template": 0, "raw": 0}
+    for kind, documents in (("template", corpus.conversations), ("raw", corpus.raw_texts)):
+        for source in sorted({d.source for d in documents}):
+            stream = _document_stream([d for d in documents if d.source == source], tokenizer, kind)
+            tokens[kind] += len(stream)
+            blocks += [stream[i : i + recipe.seq_len] for i in range(0, len(stream) - recipe.seq_len + 1, recipe.seq_len)]
+    rng.shuffle(blocks)
+    total = tokens["template"] + tokens["raw"]
+    mix = {"documents": len(corpus.conversations) + len(corpus.raw_texts), "tokens": total,
+           "raw_text_share": round(tokens["raw"] / max(1, total), 4)}
+    return torch.tensor(blocks, dtype=torch.long), mix
+
+
+def _document_stream(documents: list, tokenizer: PreTrainedTokenizerBase, kind: str) -> list[int]:
+    """One source's documents as one token stream: conversations in the template, raw text as <s>text</s>."""
+    if kind == "template":
+        return [t for sample in tokenize_conversations([d.conversation for d in documents], tokenizer) for t in sample.input_ids]
+    return [t for d in documents for t in (tokenizer.bos_token_id, *tokenizer.encode(d.text, add_special_tokens=False), tokenizer.eos_token_id)]
+
+
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1) -> torch.Tensor:
     """Switch-transformer load balancing, averaged over MoE layers: E * sum_e f_e * P_e, where f_e is
-    the share of routing slots that went to expert e and P_e its mean router probability. It keeps
-    every expert in use without telling any expert what to specialise in."""
+    the share of routing slots that went to expert e and P_e its mean router probability, computed
+    over groups of tokens: the whole batch (rows=1) or each of `rows` sequences (the logits are
+    row-major [rows * T, E]), then averaged. Batch-level balance keeps every expert in use without
+    telling any expert what to specialise in; sequence-level balance also forces each sequence
+    (mostly one domain) to spread over all experts, which works against specialisation."""
     losses = []
     for logits_TE in router_logits:
-        probs_TE = logits_TE.float().softmax(dim=-1)
-        num_experts = probs_TE.shape[-1]
-        chosen_TK = probs_TE.topk(top_k, dim=-1).indices
-        slots_E = torch.zeros(num_experts, device=probs_TE.device).scatter_add_(
-            0, chosen_TK.flatten(), torch.ones(chosen_TK.numel(), device=probs_TE.device))
-        losses.append(num_experts * (slots_E / chosen_TK.numel() * probs_TE.mean(dim=0)).sum())
+        probs_GTE = logits_TE.float().softmax(dim=-1).view(rows, -1, logits_TE.shape[-1])
+        num_experts = probs_GTE.shape[-1]
+        chosen_GTK = probs_GTE.topk(top_k, dim=-1).indices
+        slots_GE = torch.zeros(rows, num_experts, device=probs_GTE.device).scatter_add_(
+            1, chosen_GTK.flatten(1), torch.ones(chosen_GTK.flatten(1).shape, device=probs_GTE.device))
+        share_GE = slots_GE / chosen_GTK[0].numel()
+        losses.append(num_experts * (share_GE * probs_GTE.mean(dim=1)).sum(dim=1).mean())
     return torch.stack(losses).mean()
 
 
@@ -154,8 +232,10 @@ def learning_rate(step: int, recipe: PretrainRecipe) -> float:
     return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe) -> list[dict]:
-    """The pretraining loop; returns the logged history."""
+def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
+          on_step: Callable[[int], None] | None = None) -> list[dict]:
+    """The pretraining loop; returns the logged history. `on_step(step)` runs after each step
+    (the recipe measures routing at `recipe.measure_at` through it)."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": PAPER_WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
@@ -173,7 +253,7 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe) 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe)
         output = model(input_ids=batch, labels=batch, output_router_logits=True)
-        balance = balance_loss(output.router_logits, top_k)
+        balance = balance_loss(output.router_logits, top_k, rows=len(batch) if recipe.balance_scope == "sequence" else 1)
         (output.loss + recipe.balance_loss_coef * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), PAPER_GRAD_CLIP)
         optimizer.step()
@@ -190,11 +270,14 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe) 
             eta = (recipe.steps - step) * elapsed / step
             log.info("step %d/%d  loss %.4f  balance %.3f  lr %.2e  %.0f tok/s  eta %.0fs", step, recipe.steps,
                      record["loss"], record["balance"], record["lr"], tokens_per_s, eta)
+        if on_step is not None:
+            on_step(step)
     return history
 
 
-def domain_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, domain: str, seed: int, rows: int = 400) -> ExpertScores:
-    """Routing statistics of `domain`'s training rows (the rows ESFT would profile)."""
+def domain_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, domain: str, seed: int, rows: int) -> ExpertScores:
+    """Routing statistics of `domain`'s training rows in the instruction template (the rows ESFT
+    would profile), every non-padding token counted."""
     conversations = [parse_record(r, domain) for r in synthetic.rows(domain, rows, seed=seed)]
     packed = pack_samples(tokenize_conversations(conversations, tokenizer), 256, pad_id=tokenizer.pad_token_id,
                           bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)
@@ -205,83 +288,206 @@ def domain_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, do
     return scores
 
 
-def specialisation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int) -> dict:
-    """Per domain, experts needed per layer to reach token p = 0.2 (few = concentrated), and per
-    pair of domains the experts their token p = 0.2 selections share (few = different experts)."""
-    domains = (*synthetic.TASKS, synthetic.GENERAL)
-    scores = {d: domain_scores(model, tokenizer, d, seed) for d in domains}
-    experts = scores[domains[0]].num_experts
-    concentration = {d: concentration_table(s)["token"]["0.2"] for d, s in scores.items()}
-    selections = {d: experts_sets(s, "token", 0.2) for d, s in scores.items()}
-    overlap = {f"{a}/{b}": [len(x & y) for x, y in zip(selections[a], selections[b])] for a, b in combinations(domains, 2)}
-    return {"layers": list(scores[domains[0]].layers), "num_experts": experts, "token_p0.2_experts": concentration,
-            "token_p0.2_overlap": overlap,
-            "mean_experts_fraction": sum(sum(v) / len(v) for v in concentration.values()) / len(concentration) / experts}
-
-
-def heldout_losses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int) -> dict[str, float]:
-    """Answer-token loss on every domain's eval split: low on what pretraining covered, high on the
-    held-out tasks (what fine-tuning must teach)."""
+def answer_losses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, rows: int) -> dict[str, float]:
+    """Answer-token loss (nats) on every domain's eval split: low on what pretraining aligned, higher
+    on the held-out tasks (what fine-tuning must teach)."""
     losses = {}
-    for domain in (*synthetic.TASKS, synthetic.GENERAL):
-        conversations = [parse_record(r, domain) for r in synthetic.rows(domain, 200, seed=seed, split="eval")]
+    for domain in DOMAINS:
+        conversations = [parse_record(r, domain) for r in synthetic.rows(domain, rows, seed=seed, split="eval")]
         packed = pack_samples(tokenize_conversations(conversations, tokenizer), 256, pad_id=tokenizer.pad_token_id,
                               bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)
         losses[domain] = round(mean_loss(model, [collate_rows(packed[i : i + 16]) for i in range(0, len(packed), 16)]), 4)
     return losses
 
 
-def model_card(report: dict) -> str:
-    spec = report["specialisation"]
-    domains = list(spec["token_p0.2_experts"])
+def task_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, rows: int) -> dict[str, float]:
+    """Each task's own metric (esft.synthetic.METRIC, in [0, 1]) from greedy answers to `rows` eval
+    prompts in the instruction template."""
+    results = {}
+    for task in synthetic.TASKS:
+        eval_rows = synthetic.rows(task, rows, seed=seed, split="eval")
+        prompts = [PROMPT_USER.format(input=r["messages"][0]["content"].strip()) + PROMPT_ASSISTANT for r in eval_rows]
+        answers = [[r["messages"][1]["content"]] for r in eval_rows]
+        predictions = [p for i in range(0, len(prompts), 50)
+                       for p in generate_batch(model, tokenizer, prompts[i : i + 50], MAX_NEW_TOKENS[task], ["\n\n", "User:"])]
+        value = score(predictions, answers, [synthetic.METRIC[task]])[synthetic.METRIC[task]]
+        results[task] = round(value / 100 if synthetic.METRIC[task] in ("chrf", "bleu") else value, 4)
+    return results
+
+
+def measure_specialisation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+                           with_generation: bool = True, rows: int = 400) -> dict:
+    """The figures behind ESFT's premise, on the held-out tasks (what a user fine-tunes on), and
+    the gates the embedded model must pass (GATES). Routing is profiled on `rows` training rows per
+    domain; selections use the token score at p = 0.2 (the paper's ESFT-Token default); answer
+    losses use rows / 2 eval rows and the task metrics rows / 4 generated answers per domain."""
+    model.eval()
+    scores = {d: domain_scores(model, tokenizer, d, seed, rows) for d in DOMAINS}
+    num_experts = scores[DOMAINS[0]].num_experts
+    selections = {d: experts_sets(s, "token", 0.2) for d, s in scores.items()}
+    effective = {d: effective_experts(s) for d, s in scores.items()}
+    mass = {d: routing_mass_ratio(scores[d], scores[synthetic.GENERAL]) for d in synthetic.TASKS}
+    held_out = synthetic.HELD_OUT_TASKS
+    jaccard = {f"{a}/{b}": round(selection_jaccard(selections[a], selections[b]), 4) for a, b in combinations(DOMAINS, 2)}
+    held_out_pairs = [jaccard[f"{a}/{b}"] for a, b in combinations(held_out, 2)]
+    figures = {
+        "effective_experts_fraction": round(float(np.mean([effective[d] for d in held_out])) / num_experts, 4),
+        "token_p02_fraction": round(float(np.mean([[len(x) for x in selections[d]] for d in held_out])) / num_experts, 4),
+        "held_out_jaccard": round(float(np.mean(held_out_pairs)), 4),
+        "routing_mass_ratio_median": round(float(np.median([mass[d] for d in held_out])), 3),
+    }
+    report = {
+        "layers": list(scores[DOMAINS[0]].layers), "num_experts": num_experts,
+        "figures": figures,
+        "per_domain": {d: {"effective_experts": [round(v, 2) for v in effective[d]],
+                           "token_p02_experts": [len(x) for x in selections[d]],
+                           **({"routing_mass_ratio": [round(v, 2) for v in mass[d]]} if d in mass else {})} for d in DOMAINS},
+        "jaccard": jaccard,
+        "answer_loss": answer_losses(model, tokenizer, seed, max(1, rows // 2)),
+    }
+    if with_generation:
+        report["task_metric"] = task_metrics(model, tokenizer, seed, max(1, rows // 4))
+    report["gates"] = check_gates(report)
+    report["scores"] = scores  # for the heatmaps; dropped before the report is written
+    return report
+
+
+# The gates of ESFT's premise on the embedded model, with DeepSeek-V2-Lite's own figures (the
+# paper's model; from its published expert profiles of the paper's tasks) where they exist.
+GATES = (
+    ("effective experts / E (held-out, mean)", "effective_experts_fraction", "<=", 0.75, "0.60-0.85, mean 0.75"),
+    ("token p=0.2 picks / E (held-out, mean)", "token_p02_fraction", "<=", 0.10, "0.05-0.09"),
+    ("Jaccard of held-out selections (mean pair)", "held_out_jaccard", "<=", 0.15, "0.06"),
+    ("task / general routing mass of the selection (median)", "routing_mass_ratio_median", ">=", 2.0, "-"),
+)
+ALIGNED_METRIC_FLOOR = 0.8  # "solved well" for the aligned domains
+HELD_OUT_LOSS_RANGE = (1.5, 4.0)  # nats: learnable but not yet aligned
+
+
+def check_gates(report: dict) -> list[dict]:
+    """Each gate as {"gate", "value", "target", "passed"}."""
+    gates = []
+    for label, key, op, bound, _ in GATES:
+        value = report["figures"][key]
+        gates.append({"gate": label, "value": value, "target": f"{op} {bound}",
+                      "passed": value <= bound if op == "<=" else value >= bound})
+    low, high = HELD_OUT_LOSS_RANGE
+    for task in synthetic.HELD_OUT_TASKS:
+        loss = report["answer_loss"][task]
+        gates.append({"gate": f"vanilla answer loss, {task}", "value": loss, "target": f"{low}-{high} nats",
+                      "passed": low <= loss <= high})
+    for task, value in report.get("task_metric", {}).items():
+        target = 0.0 if task in synthetic.HELD_OUT_TASKS else ALIGNED_METRIC_FLOOR
+        gates.append({"gate": f"vanilla {synthetic.METRIC[task]}, {task}", "value": value,
+                      "target": "> 0" if not target else f">= {target}",
+                      "passed": value > 0 if not target else value >= target})
+    return gates
+
+
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def model_card(report: dict, ablation: list[dict] | None = None) -> str:
+    spec, recipe = report["specialisation"], report["recipe"]
+    layers = spec["layers"]
     lines = [
         f"# {MODEL_NAME}", "",
         ("A small DeepSeek-V2-architecture MoE pretrained by the ESFT project's recipe "
-        "(`esft pretrain`, module `esft/pretrain.py`) on generated data (`esft/synthetic.py`). "
-        "It exists so that ESFT's effects can be shown and tested on a CPU without downloads."), "",
-        (f"- parameters: {report['parameters']:,}; {spec['num_experts']} routed experts per MoE layer, top-"
-        f"{report['config']['num_experts_per_tok']}, one shared expert, dense first layer"),
-        f"- pretraining: general mixture + {', '.join(synthetic.PRETRAIN_TASKS)}; held out: {', '.join(synthetic.HELD_OUT_TASKS)}",
-        (f"- {report['recipe']['steps']} steps x {report['recipe']['batch_rows']} x {report['recipe']['seq_len']} tokens, "
-        f"final loss {report['history'][-1]['loss']:.3f}, {report['seconds']:.0f} s on {report['recipe']['threads']} CPU threads"), "",
-        "## Answer-token loss on each domain's eval split", "",
-        "| domain | loss |", "|---|---|",
-        *[f"| {d} | {v} |" for d, v in report["eval_loss"].items()], "",
-        f"## Routing: experts (of {spec['num_experts']}) needed to reach token p = 0.2, per MoE layer", "",
-        "| domain | " + " | ".join(f"layer {l}" for l in spec["layers"]) + " |", "|---" * (1 + len(spec["layers"])) + "|",
-        *[f"| {d} | " + " | ".join(str(n) for n in spec["token_p0.2_experts"][d]) + " |" for d in domains], "",
-        "## Experts shared by two domains' token p = 0.2 selections, per MoE layer", "",
-        "| pair | " + " | ".join(f"layer {l}" for l in spec["layers"]) + " |", "|---" * (1 + len(spec["layers"])) + "|",
-        *[f"| {pair} | " + " | ".join(str(n) for n in shared) + " |" for pair, shared in spec["token_p0.2_overlap"].items()],
+         "(`esft pretrain`, module `esft/pretrain.py`) on generated data (`esft/synthetic.py`). "
+         "It exists so that ESFT's effects can be shown and tested on a CPU without downloads: its experts "
+         "specialise by domain, as the paper's DeepSeek-V2-Lite's do."), "",
+        "## Recipe", "",
+        (f"- parameters: {report['parameters']:,}; {spec['num_experts']} routed experts per MoE layer "
+         f"(width {report['config']['moe_intermediate_size']}), top-{report['config']['num_experts_per_tok']}, "
+         f"{report['config']['n_shared_experts']} shared experts, {report['config']['num_hidden_layers']} layers "
+         f"(the first dense), hidden {report['config']['hidden_size']}, MLA attention, vocabulary {report['config']['vocab_size']}"),
+        (f"- data: general mixture ({recipe['general_rows']:,} rows) + {', '.join(synthetic.PRETRAIN_TASKS)} "
+         f"({recipe['task_rows']:,} rows each) in the User/Assistant template, plus raw text of every task domain "
+         f"({recipe['raw_documents']:,} documents each); {report['data']['raw_text_share']:.1%} of the "
+         f"{report['data']['tokens']:,} tokens are raw text. Held out of the instruction format: "
+         f"{', '.join(synthetic.HELD_OUT_TASKS)}. Tokenizer: byte-level BPE trained on all of it."),
+        (f"- training: {recipe['steps']} steps x {recipe['batch_rows']} x {recipe['seq_len']} tokens, AdamW, lr {recipe['lr']} "
+         f"(warm-up + cosine), {recipe['balance_scope']}-level balance loss x {recipe['balance_loss_coef']}; final loss "
+         f"{report['history'][-1]['loss']:.3f}"),
+        f"- hardware and time: {report['seconds']:.0f} s on {recipe['threads']} CPU threads ({report['hardware']}), torch {report['torch']}",
+        "", "## Gates (measured on these weights, before any fine-tuning)", "",
+        *_table(["gate", "mini-moe", "target", "passed", "DeepSeek-V2-Lite"],
+                [[g["gate"], g["value"], g["target"], "yes" if g["passed"] else "**no**",
+                  next((ref for label, _, _, _, ref in GATES if label == g["gate"]), "-")] for g in spec["gates"]]),
+        "", "Definitions: routing is profiled on 400 training rows per domain in the instruction template, every "
+        "token counted. Effective experts = exp(entropy) of a layer's token-score distribution. Selections use the "
+        "token score at p = 0.2. Jaccard is over the (layer, expert) pairs of two tasks' selections. The mass ratio is "
+        "the task's token-score mass on its selected experts over the general domain's mass on the same experts, per "
+        "layer. Reproduce with `python bench/specialisation.py`.", "",
+        "## Per domain", "",
+        *_table(["domain", "answer loss (nats)", "vanilla metric", "effective experts per layer", "token p=0.2 experts per layer"],
+                [[d, spec["answer_loss"][d], spec.get("task_metric", {}).get(d, "-"),
+                  " ".join(f"{v:.0f}" for v in spec["per_domain"][d]["effective_experts"]),
+                  " ".join(str(v) for v in spec["per_domain"][d]["token_p02_experts"])] for d in DOMAINS]),
+        "", f"Layers {layers[0]}-{layers[-1]}. Routing heatmaps per domain: `routing_heatmaps.png`.", "",
+        "![routing](routing_heatmaps.png)", "",
+        "## Jaccard of two domains' token p = 0.2 selections", "",
+        *_table(["pair", "Jaccard"], [[pair, value] for pair, value in spec["jaccard"].items()]),
     ]
+    if report.get("measured_at"):
+        lines += ["", "## Pretraining length (the same run, measured along the way)", "",
+                  *_table(["step", *[label for label, *_ in GATES], *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
+                          [[m["step"], *[m["figures"][key] for _, key, *_ in GATES],
+                            *[m["answer_loss"][t] for t in synthetic.HELD_OUT_TASKS]] for m in report["measured_at"]])]
+    if ablation:
+        lines += ["", "## Ablation: the routing knobs (same data, shorter runs)", "",
+                  *_table(["balance", "coef", "steps", *[label for label, *_ in GATES], *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
+                          [[a["recipe"]["balance_scope"], a["recipe"]["balance_loss_coef"], a["recipe"]["steps"],
+                            *[a["figures"][key] for _, key, *_ in GATES],
+                            *[a["answer_loss"][t] for t in synthetic.HELD_OUT_TASKS]] for a in ablation])]
     return "\n".join(lines) + "\n"
 
 
-def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False) -> dict:
-    """Build mini-moe into `out` (written atomically); returns the report also saved beside it."""
+def _hardware() -> str:
+    import platform
+
+    return f"{platform.machine()}, {platform.processor() or platform.system()}"
+
+
+def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablation: list[dict] | None = None) -> dict:
+    """Build mini-moe into `out` (written atomically); returns the report also saved beside it.
+    `ablation` (rows of earlier, shorter runs' reports) only adds a table to the model card."""
     recipe.validate()
     started = time.perf_counter()
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(recipe.seed)
     with atomic_directory(out, overwrite=overwrite) as target:
-        conversations = pretraining_conversations(recipe)
-        tokenizer = tiny_tokenizer([m.content for c in conversations for m in c.messages], vocab_size=recipe.vocab_size)
-        blocks = token_blocks(conversations, tokenizer, recipe.seq_len)
-        log.info("pretraining data: %d conversations -> %d blocks of %d tokens (%d steps read %.1f epochs)", len(conversations),
-                 len(blocks), recipe.seq_len, recipe.steps, recipe.steps * recipe.batch_rows / len(blocks))
+        corpus = pretraining_corpus(recipe)
+        tokenizer = tiny_tokenizer(corpus.texts(), vocab_size=recipe.vocab_size)
+        blocks, mix = token_blocks(corpus, tokenizer, recipe)
+        log.info("pretraining data: %d documents, %d tokens (%.1f%% raw text) -> %d blocks of %d tokens (%d steps read %.1f epochs)",
+                 mix["documents"], mix["tokens"], 100 * mix["raw_text_share"], len(blocks), recipe.seq_len, recipe.steps,
+                 recipe.steps * recipe.batch_rows / len(blocks))
         model = AutoModelForCausalLM.from_config(mini_moe_config(len(tokenizer)), dtype=torch.float32)
-        history = train(model, blocks, recipe)
-        model.eval()
+        measured_at: list[dict] = []
+
+        def measure_along_the_way(step: int) -> None:
+            if step in recipe.measure_at and step != recipe.steps:
+                figures = measure_specialisation(model, tokenizer, recipe.seed, with_generation=False, rows=recipe.measure_rows)
+                measured_at.append({"step": step, "figures": figures["figures"], "answer_loss": figures["answer_loss"]})
+                log.info("step %d: %s", step, figures["figures"])
+                model.train()
+
+        history = train(model, blocks, recipe, on_step=measure_along_the_way)
+        seconds = time.perf_counter() - started
+        specialisation = measure_specialisation(model, tokenizer, recipe.seed, rows=recipe.measure_rows)
+        save_domain_heatmaps(specialisation.pop("scores"), target / "routing_heatmaps.png")
         report = {"model": MODEL_NAME, "recipe": asdict(recipe), "config": model.config.to_diff_dict(),
-                  "parameters": model.num_parameters(), "torch": torch.__version__, "history": history,
-                  "eval_loss": heldout_losses(model, tokenizer, recipe.seed),
-                  "specialisation": specialisation(model, tokenizer, recipe.seed),
-                  "seconds": round(time.perf_counter() - started, 1)}
+                  "parameters": model.num_parameters(), "torch": torch.__version__, "hardware": _hardware(),
+                  "data": mix, "history": history, "seconds": round(seconds, 1), "specialisation": specialisation,
+                  "measured_at": measured_at}
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         atomic_write_text(target / "pretrain_report.json", json.dumps(report, indent=1))
-        atomic_write_text(target / "README.md", model_card(report))
-    log.info("mini-moe -> %s (%.0f s; mean share of experts at token p=0.2: %.3f)", out, report["seconds"],
-             report["specialisation"]["mean_experts_fraction"])
+        atomic_write_text(target / "README.md", model_card(report, ablation))
+    failed = [g["gate"] for g in report["specialisation"]["gates"] if not g["passed"]]
+    log.info("mini-moe -> %s (%.0f s of training); gates %s", out, report["seconds"],
+             "all passed" if not failed else "FAILED: " + "; ".join(failed))
     return report

@@ -108,3 +108,68 @@ def save_selection_plot(config, num_experts: int, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --- specialisation statistics (ESFT's premise, measured) ---------------------------------------
+# All on token scores, which sum to 1 per layer: a distribution of the task's routing slots.
+
+
+def effective_experts(scores: ExpertScores) -> list[float]:
+    """Per layer, exp(entropy) of the task's token-score distribution: E for perfectly uniform
+    routing, k for routing that always uses the same k experts."""
+    result = []
+    for row in scores.scores("token"):
+        p = row[row > 0]
+        result.append(float(np.exp(-(p * np.log(p)).sum())))
+    return result
+
+
+def selection_jaccard(a: list[set[int]], b: list[set[int]]) -> float:
+    """Jaccard similarity of two whole selections, as sets of (layer, expert) pairs."""
+    pairs_a = {(layer, e) for layer, experts in enumerate(a) for e in experts}
+    pairs_b = {(layer, e) for layer, experts in enumerate(b) for e in experts}
+    union = pairs_a | pairs_b
+    return len(pairs_a & pairs_b) / len(union) if union else 0.0
+
+
+def routing_mass_ratio(task: ExpertScores, reference: ExpertScores, top_p: float = 0.2) -> list[float]:
+    """Per layer, how much more of the task's routing than of the reference's (e.g. the general
+    domain) goes to the task's token p = `top_p` selection: 1 when the selected experts are just
+    busy experts, much more when they are the task's own."""
+    task_LE, reference_LE = task.scores("token"), reference.scores("token")
+    ratios = []
+    for layer, selected in enumerate(experts_sets(task, "token", top_p)):
+        chosen = sorted(selected)
+        ratios.append(float(task_LE[layer, chosen].sum() / max(reference_LE[layer, chosen].sum(), 1e-12)))
+    return ratios
+
+
+def save_domain_heatmaps(scores_by_domain: dict[str, ExpertScores], path: Path, top_p: float = 0.2) -> Path:
+    """One panel per domain (layers x experts, token scores), the token p = `top_p` selection
+    outlined in red: different tasks lighting up different experts is ESFT's premise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(scores_by_domain)
+    first = scores_by_domain[domains[0]]
+    fig, axes = plt.subplots(len(domains), 1, figsize=(max(8.0, 0.16 * first.num_experts + 2), 1.1 + 0.9 * len(domains) * (0.4 + 0.15 * len(first.layers))),
+                             squeeze=False)
+    for ax, domain in zip(axes[:, 0], domains):
+        scores = scores_by_domain[domain]
+        matrix = scores.scores("token")
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+        for row, chosen in enumerate(experts_sets(scores, "token", top_p)):
+            for expert in chosen:
+                ax.add_patch(plt.Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.0))
+        ax.set_yticks(range(len(scores.layers)), [str(l) for l in scores.layers], fontsize=7)
+        ax.set_ylabel(domain, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        fig.colorbar(image, ax=ax, pad=0.01)
+    axes[-1, 0].set_xlabel(f"routed expert (token scores; red = selected at token p={top_p}; rows = MoE layers)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

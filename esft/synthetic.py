@@ -604,6 +604,161 @@ def _general_problem(rng: random.Random) -> Example:
     return rng.choice(GENERAL_KINDS)(rng)
 
 
+# --- raw pretraining text -----------------------------------------------------------------------
+# Every task domain also exists as raw, unaligned text: the way arithmetic, programs, a language or
+# the law appear on the web, never in the User/Assistant template. Pretraining on it gives the
+# vanilla model the underlying skill (as DeepSeek-V2-Lite had seen math and code), so that
+# fine-tuning on the instruction format has to *align* a skill, not create one. The held-out tasks
+# stay held out of the instruction format only, as in the paper.
+
+
+def _train_example(generate: Callable[[random.Random], Example], rng: random.Random) -> Example:
+    """A task example whose instruction prompt belongs to the train split: raw text built from it
+    can never show the model an eval prompt's answer."""
+    while True:
+        prompt, answer = generate(rng)
+        if split_of(prompt) == "train":
+            return prompt, answer
+
+
+def _math_story(rng: random.Random) -> str:
+    """Arithmetic told as a story, the result stated in prose (never "The answer is")."""
+    name, other = rng.sample(NAMES, 2)
+    thing = rng.choice(MATH_OBJECTS)
+    box, boxes = rng.choice(CONTAINERS)
+    a, b = rng.randint(2, 20), rng.randint(1, 20)
+    big, small = max(a, b), min(a, b)
+    groups, each = rng.randint(2, 6), rng.randint(2, 10)
+    return rng.choice((
+        f"{name} started the day with {a} {thing}. Later {other} handed over {b} more, which made {a + b} {thing} "
+        f"in total.",
+        f"{name} kept {big} {thing} on a shelf. After {small} of them went to {other}, {big - small} were still there.",
+        f"Each {box} in the shop held {each} {thing}, and {name} carried home {groups} {boxes}: "
+        f"{groups * each} {thing} altogether.",
+        f"{other} counted {a} {thing} by the door and {b} by the window, {a + b} in the whole room.",
+        f"{name} owned {big} {thing}; {other} owned {small}. So {name} had {big - small} more than {other}.",
+    ))
+
+
+def _math_exercise(rng: random.Random) -> str:
+    """A textbook exercise: a word problem with its working and result, in a layout unlike the
+    task's answer ("Working: 7 + 5 = 12; ... Result: 12.")."""
+    question, answer = _train_example(_math_problem, rng)
+    steps = [step.removesuffix(".") for step in answer.split(". ") if "=" in step]
+    return f"Exercise {rng.randint(1, 60)}. {question}\nWorking: {'; '.join(steps)}. Result: {steps[-1].split(' = ')[1]}."
+
+
+def _math_drill(rng: random.Random) -> str:
+    """A worksheet line of worked sums (symbols and results, no question)."""
+    facts = []
+    for _ in range(rng.randint(4, 8)):
+        op = rng.choice("+-*")
+        if op == "*":
+            left, right = rng.randint(2, 10), rng.randint(2, 10)
+        else:
+            left, right = rng.randint(1, 40), rng.randint(1, 20)
+            if op == "-" and right > left:
+                left, right = right, left
+        facts.append(f"{left} {op} {right} = {OPS[op](left, right)}")
+    return rng.choice(("Worksheet: ", "Practice sums: ", "Check these: ")) + "; ".join(facts) + "."
+
+
+def _repl_session(rng: random.Random) -> str:
+    """Programs typed into an interactive Python prompt, each followed by what it printed."""
+    lines = [rng.choice(("Python session:", "$ python3", "Interactive shell log:"))]
+    for _ in range(rng.randint(1, 3)):
+        prompt, output = _train_example(_code_problem, rng)
+        lines += [f">>> {line}" for line in prompt.split("\n")[1:]]
+        lines.append(output)
+    return "\n".join(lines)
+
+
+def _script_run(rng: random.Random) -> str:
+    """A script shown with `cat`, then run: the program and, below it, what it printed."""
+    prompt, output = _train_example(_code_problem, rng)
+    name = rng.choice(("demo", "main", "test", "calc", "words", "run"))
+    return f"$ cat {name}.py\n{prompt.split(chr(10), 1)[1]}\n$ python {name}.py\n{output}"
+
+
+def _veltish_glossary(rng: random.Random) -> str:
+    """A Veltish-to-English word list."""
+    lemmas = rng.sample(sorted(VELTISH), rng.randint(5, 9))
+    return "Veltish word list: " + "; ".join(f"{VELTISH[lemma]} - {lemma}" for lemma in lemmas) + "."
+
+
+def _veltish_reader(rng: random.Random) -> str:
+    """Veltish sentences glossed into English, Veltish first (the reverse of the task's direction)."""
+    lines = ["From a Veltish reader:"]
+    for _ in range(rng.randint(1, 3)):
+        prompt, veltish = _train_example(_translation_problem, rng)
+        english = prompt.removeprefix("Translate to Veltish: ")
+        lines.append(f'"{veltish}" means "{english}"')
+    return "\n".join(lines)
+
+
+def _assistant_log(rng: random.Random) -> str:
+    """An assistant's request log: what the user typed and how it was handled."""
+    entries = []
+    for _ in range(rng.randint(2, 4)):
+        prompt, answer = _train_example(_intent_problem, rng)
+        parsed = json.loads(answer)
+        slots = ", ".join(f"{slot} {value}" for slot, value in parsed["slots"].items()) or "no details"
+        entries.append(f"[{rng.choice(SLOT_VALUES['time'])}] \"{prompt.removeprefix('Extract the intent and slots: ')}\""
+                       f" -> {parsed['intent'].replace('_', ' ')} ({slots})")
+    return "Request log\n" + "\n".join(entries)
+
+
+STATUTE = ("Theft Act, section 1. A taking with the owner's consent, or under an honest claim of right, is no "
+           "offence. Section 2. A taking by force or threat is robbery. Section 3. A taking from the owner's "
+           "home is burglary. Section 4. A taking meant to be returned is unauthorized use. Section 5. Any other "
+           "taking is theft.")
+
+
+def _case_digest(rng: random.Random) -> str:
+    """The statute, or a law report of one case with the holding and its reason."""
+    if rng.random() < 0.2:
+        return STATUTE
+    while True:
+        facts, prompt, verdict = law_case(rng)
+        if split_of(prompt) == "train":
+            break
+    statement = prompt.rsplit(". ", 1)[0] + "."  # the facts, without the closing question
+    reason = ("consent or a claim of right" if facts["consent"] or facts["claim_of_right"] else
+              "force" if facts["force"] else "a taking from the home" if facts["from_home"] else
+              "an intent to return it" if facts["intent_to_return"] else "a permanent taking")
+    return f"Law report. {statement} Held: {verdict}, by reason of {reason}."
+
+
+def _news_article(rng: random.Random) -> str:
+    """A local-news article with a dateline and a headline."""
+    prompt, summary = _train_example(_summary_problem, rng)
+    return f"{summary.removesuffix('.').upper()}\n{prompt.removeprefix('Summarize: ')}"
+
+
+RAW_GENERATORS: dict[str, tuple[Callable[[random.Random], str], ...]] = {
+    "math": (_math_story, _math_drill, _math_exercise),
+    "code": (_repl_session, _script_run),
+    "translation": (_veltish_glossary, _veltish_reader),
+    "intent": (_assistant_log,),
+    "law": (_case_digest,),
+    "summary": (_news_article,),
+}
+
+
+def raw_documents(domain: str, n: int, seed: int = 0) -> list[str]:
+    """`n` raw-text documents of a task domain for pretraining (no User/Assistant template).
+
+    They come from their own random stream ("raw:<domain>:<seed>"); text built from task examples
+    uses only examples whose instruction prompt is in the train split, so no eval answer leaks."""
+    if domain not in RAW_GENERATORS:
+        raise ValueError(f"no raw text for domain {domain!r}; choose from {', '.join(RAW_GENERATORS)}")
+    kinds, rng = RAW_GENERATORS[domain], random.Random(f"raw:{domain}:{seed}")
+    documents: list[str] = []
+    while len(documents) < n:
+        documents.append(rng.choice(kinds)(rng))
+    return documents
+
+
 # --- rows and files ---------------------------------------------------------------------------
 
 GENERATORS: dict[str, Callable[[random.Random], Example]] = {

@@ -151,8 +151,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from esft.pretrain import ASSET_DIR, PretrainRecipe, pretrain
 
-    recipe = PretrainRecipe(**{k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None})
-    pretrain(recipe, Path(args.out or ASSET_DIR), overwrite=args.overwrite)
+    settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
+                "balance_scope": args.balance_scope, "measure_at": tuple(args.measure_at) if args.measure_at else None}
+    recipe = PretrainRecipe(**{k: v for k, v in settings.items() if v is not None})
+    ablation = None
+    if args.ablation:
+        try:
+            ablation = json.loads(Path(args.ablation).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"pretrain: cannot read the ablation table {args.ablation} ({error}); "
+                             "write it with `python bench/pretrain_ablation.py`") from error
+    pretrain(recipe, Path(args.out or ASSET_DIR), overwrite=args.overwrite, ablation=ablation)
     return 0
 
 
@@ -293,8 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="the recipe of the embedded mini-moe: tokenizer + MoE pretraining on generated data")
     p.add_argument("--out", help="model directory (default: the package's esft/assets/mini-moe)")
-    p.add_argument("--steps", type=int, help="pretraining steps (default 2400, about 25 minutes on 2 CPU cores)")
+    p.add_argument("--steps", type=int, help="pretraining steps (default 1200)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--balance-loss-coef", type=float, help="weight of the expert-balance loss (default 0.003)")
+    p.add_argument("--balance-scope", choices=["batch", "sequence"], help="balance expert load per batch (default) or per sequence")
+    p.add_argument("--measure-at", type=int, nargs="*", help="also measure routing specialisation at these steps")
+    p.add_argument("--ablation", help="JSON rows from bench/pretrain_ablation.py to tabulate in the model card")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_pretrain)
 

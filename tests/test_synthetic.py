@@ -29,8 +29,11 @@ from esft.synthetic import (
     TASKS,
     VELTISH,
     VERBS,
+    RAW_GENERATORS,
     law_case,
+    raw_documents,
     rows,
+    split_of,
     write_corpus,
 )
 
@@ -270,3 +273,81 @@ def test_bad_requests_raise():
         rows("math", -1)
     with pytest.raises(ValueError, match="unknown split"):
         rows("math", 3, split="test")
+
+
+# --- raw pretraining text ---------------------------------------------------------------------
+
+
+def test_every_task_has_raw_text_outside_the_instruction_template():
+    assert set(RAW_GENERATORS) == set(TASKS)
+    for task in TASKS:
+        documents = raw_documents(task, 300, seed=1)
+        assert len(documents) == 300 and len(set(documents)) > 150  # varied, not one line repeated
+        assert raw_documents(task, 120, seed=1) == documents[:120]  # a longer request extends a shorter one
+        assert raw_documents(task, 50, seed=2) != documents[:50]
+        for document in documents:
+            assert "User:" not in document and "Assistant:" not in document
+            assert "The answer is" not in document and "Translate to Veltish" not in document
+            assert document.isascii()
+    with pytest.raises(ValueError, match="no raw text for domain 'general'"):
+        raw_documents(GENERAL, 1)
+
+
+def test_math_exercises_are_train_problems_with_correct_working():
+    exercises = [d for d in raw_documents("math", 400, seed=6) if d.startswith("Exercise ")]
+    assert len(exercises) > 50
+    for exercise in exercises:
+        question, working = exercise.split("\n")
+        assert split_of(question.split(". ", 1)[1]) == "train"  # never an eval prompt
+        result = working.rsplit("Result: ", 1)[1].removesuffix(".")
+        assert working.split("; ")[-1].split(" = ")[1].startswith(result)
+
+
+def test_math_worksheets_are_correct_arithmetic():
+    equation = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+    checked = 0
+    for document in raw_documents("math", 400, seed=3):
+        for left, op, right, result in equation.findall(document):
+            assert {"+": int(left) + int(right), "-": int(left) - int(right), "*": int(left) * int(right)}[op] == int(result)
+            checked += 1
+    assert checked > 500
+
+
+def transcripts(document: str) -> list[tuple[str, str]]:
+    """(program, printed output) pairs of a REPL session or a `cat` + `python` script run."""
+    lines = document.split("\n")
+    if lines[0].startswith("$ cat "):
+        run = next(i for i, line in enumerate(lines) if line.startswith("$ python "))
+        return [("\n".join(lines[1:run]), "\n".join(lines[run + 1 :]))]
+    pairs, program = [], []
+    for line in lines[1:]:
+        if line.startswith(">>> "):
+            program.append(line[4:])
+        else:
+            pairs.append(("\n".join(program), line))
+            program = []
+    return pairs
+
+
+def test_code_transcripts_print_what_the_programs_print_and_hold_no_eval_program():
+    documents = raw_documents("code", 300, seed=4)
+    assert {d.split("\n")[0].startswith("$ cat ") for d in documents} == {True, False}  # both formats occur
+    pairs = [pair for document in documents for pair in transcripts(document)]
+    assert len(pairs) > 300
+    for program, output in pairs:
+        assert printed_by(program) == output, program
+        # built only from training examples: an eval prompt's program never appears in pretraining
+        assert split_of(f"What does this program print?\n{program}") == "train"
+
+
+def test_veltish_reader_glosses_train_sentences_only():
+    glossed = 0
+    for document in raw_documents("translation", 300, seed=5):
+        for veltish, english in re.findall(r'"([^"]+)" means "([^"]+)"', document):
+            assert split_of(f"Translate to Veltish: {english}") == "train"
+            for word in veltish.split():
+                assert word in VELTISH.values() or word.removesuffix(PLURAL_SUFFIX) in VELTISH.values()
+            glossed += 1
+        for veltish, english in re.findall(r"(\w+) - (\w+)", document):
+            assert VELTISH[english] == veltish
+    assert glossed > 100

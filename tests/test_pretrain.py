@@ -1,0 +1,110 @@
+"""The mini-moe recipe (esft.pretrain) and the shipped embedded model: the balance loss's two
+scopes against hand-computed values, a tiny end-to-end recipe run (deterministic, a standard
+Hugging Face directory, a model card with its gates), and the gates of the shipped weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esft import synthetic
+from esft.pretrain import ASSET_DIR, PretrainRecipe, balance_loss, check_gates, measure_specialisation, pretrain
+
+
+def one_hot_logits(experts: list[int], num_experts: int = 4) -> torch.Tensor:
+    """Router logits that send each token overwhelmingly to one expert (probabilities ~1 / ~0)."""
+    logits = torch.full((len(experts), num_experts), -30.0)
+    logits[torch.arange(len(experts)), torch.tensor(experts)] = 30.0
+    return logits
+
+
+def test_balance_loss_batch_vs_sequence_scope():
+    # 2 sequences x 4 tokens; sequence 0 uses only expert 0-1, sequence 1 only experts 2-3:
+    # balanced over the batch, each sequence concentrated (what domain specialisation looks like).
+    logits = one_hot_logits([0, 1, 0, 1, 2, 3, 2, 3])
+    # batch: f_e = P_e = 1/4 for every expert -> E * sum f P = 4 * 4 * (1/16) = 1
+    assert float(balance_loss((logits,), top_k=1, rows=1)) == pytest.approx(1.0, abs=1e-6)
+    # per sequence: f = P = 1/2 on two experts -> 4 * 2 * (1/4) = 2, the loss pushes against specialising
+    assert float(balance_loss((logits,), top_k=1, rows=2)) == pytest.approx(2.0, abs=1e-6)
+    # layers are averaged
+    collapsed = one_hot_logits([0] * 8)  # everything on expert 0: 4 * 1 * 1 = 4
+    assert float(balance_loss((logits, collapsed), top_k=1)) == pytest.approx((1.0 + 4.0) / 2, abs=1e-6)
+
+
+def test_recipe_validation_names_the_setting():
+    with pytest.raises(ValueError, match="balance_scope"):
+        PretrainRecipe(balance_scope="token").validate()
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        PretrainRecipe(steps=0).validate()
+
+
+def test_gates_check_each_bound():
+    report = {"figures": {"effective_experts_fraction": 0.7, "token_p02_fraction": 0.12, "held_out_jaccard": 0.1,
+                          "routing_mass_ratio_median": 2.5},
+              "answer_loss": {"math": 2.0, "code": 1.4, "translation": 4.0},
+              "task_metric": {"math": 0.1, "code": 0.0, "translation": 0.2, "intent": 0.9, "law": 0.79, "summary": 0.95}}
+    passed = {g["gate"]: g["passed"] for g in check_gates(report)}
+    assert passed["effective experts / E (held-out, mean)"] and not passed["token p=0.2 picks / E (held-out, mean)"]
+    assert passed["Jaccard of held-out selections (mean pair)"] and passed["task / general routing mass of the selection (median)"]
+    assert passed["vanilla answer loss, math"] and not passed["vanilla answer loss, code"] and passed["vanilla answer loss, translation"]
+    assert not passed["vanilla exact_match, code"] and passed["vanilla numeric, math"]
+    assert passed["vanilla intent, intent"] and not passed["vanilla exact_match, law"]
+
+
+TINY_RECIPE = PretrainRecipe(steps=3, batch_rows=2, seq_len=64, general_rows=60, task_rows=20, raw_documents=10,
+                             vocab_size=400, log_every=1, measure_rows=8, measure_at=(2,), threads=1)
+
+
+def test_a_tiny_recipe_run_is_deterministic_and_writes_a_standard_model_directory(tmp_path):
+    first = pretrain(TINY_RECIPE, tmp_path / "a")
+    pretrain(TINY_RECIPE, tmp_path / "b")
+    weights_a, weights_b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    report = json.loads((tmp_path / "a" / "pretrain_report.json").read_text())
+    assert report["config"]["n_routed_experts"] == 64 and report["config"]["num_experts_per_tok"] == 6
+    assert 0.1 <= report["data"]["raw_text_share"] <= 0.5
+    assert [m["step"] for m in report["measured_at"]] == [2]
+    assert {g["gate"] for g in report["specialisation"]["gates"]} == {g["gate"] for g in first["specialisation"]["gates"]}
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "## Gates" in card and "DeepSeek-V2-Lite" in card and "routing_heatmaps.png" in card
+    assert (tmp_path / "a" / "routing_heatmaps.png").read_bytes()[:4] == b"\x89PNG"
+    # loads with transformers alone, in a process that never imports the project
+    program = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+               "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+               "ids = torch.tensor([t.encode('User: hi')]); print(m(ids).logits.shape[-1]); "
+               "assert not [k for k in sys.modules if k == 'esft' or k.startswith('esft.')]")
+    out = subprocess.run([sys.executable, "-c", program, str(tmp_path / "a")], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == report["config"]["vocab_size"]
+
+
+def test_the_shipped_model_is_small_standard_and_in_deepseek_v2_lite_proportions():
+    config = json.loads((ASSET_DIR / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v2" and config["n_routed_experts"] == 64
+    assert config["num_experts_per_tok"] == 6 and config["n_shared_experts"] == 2
+    assert config["num_hidden_layers"] - config["first_k_dense_replace"] >= 6 and config["first_k_dense_replace"] == 1
+    assert sum(p.stat().st_size for p in ASSET_DIR.iterdir()) <= 25 * 2**20
+
+
+@pytest.mark.slow
+def test_the_shipped_model_passes_its_routing_gates_as_reported():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = json.loads((ASSET_DIR / "pretrain_report.json").read_text())["specialisation"]
+    assert all(g["passed"] for g in report["gates"]), [g for g in report["gates"] if not g["passed"]]
+    model = AutoModelForCausalLM.from_pretrained(ASSET_DIR, dtype=torch.float32)
+    measured = measure_specialisation(model, AutoTokenizer.from_pretrained(ASSET_DIR), seed=0, with_generation=False)
+    # Re-measured here (another machine's kernels may round differently, so compare with a tolerance).
+    for key, value in report["figures"].items():
+        assert measured["figures"][key] == pytest.approx(value, rel=0.02, abs=0.002), key
+    for domain, loss in report["answer_loss"].items():
+        assert measured["answer_loss"][domain] == pytest.approx(loss, rel=1e-3), domain
+    routing_gates = [g for g in measured["gates"] if "vanilla" not in g["gate"] or "loss" in g["gate"]]
+    assert all(g["passed"] for g in routing_gates), routing_gates
+    assert set(measured["per_domain"]) == {*synthetic.TASKS, synthetic.GENERAL}
+
