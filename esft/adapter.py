@@ -85,6 +85,32 @@ def _expected_shapes(model: nn.Module, family: Family, config: ExpertConfig) -> 
     return shapes
 
 
+def _parameter_kinds(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> "routed" (fused expert tensors), "shared" (shared experts) or
+    "non_expert" (everything else), the split `apply_expert_config` trains by."""
+    layers = moe_layers(model)
+    routed = {id(p) for layer in layers for p in layer.experts.parameters()}
+    shared = {id(p) for layer in layers for module in layer.shared for p in module.parameters()}
+    return {
+        name: "routed" if id(p) in routed else "shared" if id(p) in shared else "non_expert"
+        for name, p in model.named_parameters()
+    }
+
+
+def _check_declared(name: str, kind: str | None, config: ExpertConfig, adapter_dir: Path) -> None:
+    """An adapter carries only what its expert config trains: a tensor it does not declare would
+    silently replace the base model's (e.g. embeddings from an adapter that says it trains none)."""
+    if kind == "routed":
+        raise AdapterError(f"adapter {adapter_dir} holds the whole fused tensor {name!r}; an ESFT adapter holds only "
+                           "the selected experts' tensors, by per-expert name (write it with save_adapter)")
+    if kind == "shared" and not config.shared_experts:
+        raise AdapterError(f"adapter {adapter_dir} holds the shared-expert tensor {name!r} but its {CONFIG_FILENAME} "
+                           "says shared_experts: false; remove the tensor or set the flag if it was trained")
+    if kind == "non_expert" and not config.non_expert_modules:
+        raise AdapterError(f"adapter {adapter_dir} holds the non-expert tensor {name!r} but its {CONFIG_FILENAME} "
+                           "says non_expert_modules: false; remove the tensor or set the flag if it was trained")
+
+
 def _read_adapter(adapter_dir: Path) -> tuple[ExpertConfig, dict[str, torch.Tensor], dict[str, str]]:
     weights = adapter_dir / WEIGHTS_FILENAME
     if not weights.exists():
@@ -113,10 +139,14 @@ def check_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[ExpertConf
         raise AdapterError(f"adapter {adapter_dir}: {error}") from error
     params = dict(model.named_parameters())
     expected = _expected_shapes(model, family, config)
+    kinds = _parameter_kinds(model)
     for name, tensor in tensors.items():
+        if name not in expected:
+            _check_declared(name, kinds.get(name), config, adapter_dir)
         shape = expected.get(name) or (tuple(params[name].shape) if name in params else None)
         if shape is None:
-            raise AdapterError(f"adapter {adapter_dir} holds {name!r}, which this {family.name} model does not have")
+            raise AdapterError(f"adapter {adapter_dir} holds {name!r}, which is neither a tensor of this {family.name} "
+                               f"model nor an expert its {CONFIG_FILENAME} selects")
         if tuple(tensor.shape) != shape:
             raise AdapterError(f"adapter {adapter_dir}: {name} has shape {tuple(tensor.shape)}, the model expects {shape}")
     missing = sorted(set(expected) - set(tensors))

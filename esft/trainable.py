@@ -148,7 +148,8 @@ def _grouped_forward(experts, hidden_TH, topk_ids_TK, topk_weights_TK):
     """Grouped GEMMs over two segments of (token, expert) pairs: those routed to frozen experts,
     then those routed to trainable ones. One sort by (frozen id | E + slot) forms both segments;
     each runs the whole expert MLP on its own (no full-size intermediate is split or re-joined),
-    and the final sum over K keeps transformers' order, so untrained outputs match bit for bit."""
+    and the final sum over K keeps transformers' order. Untrained outputs equal the fused forward's
+    within rounding (`esft.numerics`): GEMMs grouped differently may round differently."""
     T, K = topk_ids_TK.shape
     E = int(experts.num_experts)
     dtype = hidden_TH.dtype

@@ -6,8 +6,17 @@ Ray Data reads and shuffles each corpus (seeded), tokenizes and packs it in CPU 
 streams the packed rows through an actor pool of model replicas (each loads the model once; a
 replica may span several GPUs, layers split across them). Every batch comes back as small
 per-row raw sums, which the driver merges in the stream's fixed order until the token budget is
-reached: the result does not depend on the number of replicas. The corpus is never gathered
-on the driver.
+reached. The corpus is never gathered on the driver.
+
+Replica independence, exactly: packing depends on the corpus size alone, and Ray Data bundles
+the packed stream, in order, into batches of --batch-size rows before it hands them to replicas,
+so every row is computed in the same batch whatever the replica count. With a fixed thread count
+per replica (`threads_per_replica`; GPU replicas compute the same way whatever it is) each batch
+is the same computation, so 1 or 8 replicas give bit-identical sums. By default CPU replicas
+share the node's cores (threads = cores / replicas); another thread count splits the GEMMs
+differently, which on some CPUs rounds router weights differently (relative ~1e-7, see
+`esft.numerics`): gate mass may then differ in its last digits, and a selection only where two
+experts' router scores tie within that rounding.
 
 Outputs in --out (in --out/<task> when several corpora are given): `expert_scores.json` (raw,
 mergeable sums), the reference `summary.json`, `heatmap_token.png` / `heatmap_gate.png`,
@@ -46,6 +55,7 @@ class ProfileConfig:
     replicas: int = 1
     gpus_per_replica: float = 0.0
     cpus_per_replica: float | None = None  # default: leave one CPU of the node for reading
+    threads_per_replica: int | None = None  # CPU replicas; default: the node's cores / replicas (see above)
     seed: int = 0
     loss_tokens_only: bool = False
     template: str = "reference"  # or "chat": the tokenizer's chat template
@@ -64,6 +74,8 @@ class ProfileConfig:
         for name in ("n_sample_tokens", "seq_len", "batch_size", "replicas"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"profile: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.threads_per_replica is not None and int(self.threads_per_replica) < 1:
+            raise ConfigError(f"profile: threads_per_replica must be a positive integer, got {self.threads_per_replica!r}")
         if self.gpus_per_replica < 0:
             raise ConfigError("profile: gpus_per_replica must be >= 0")
         if self.template not in ("reference", "chat"):
@@ -120,8 +132,9 @@ class TaskProfile:
         return self.scores.total_tokens / max(self.seconds, 1e-9)
 
 
-def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: float | None) -> dict:
-    """Resources of each model replica (profiling and evaluation share this)."""
+def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: float | None, threads: int | None = None) -> dict:
+    """Resources of each model replica (profiling and evaluation share this). `threads`: torch
+    threads per CPU replica; default the node's cores shared between the replicas."""
     import ray
 
     resources = ray.cluster_resources()
@@ -137,7 +150,8 @@ def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: floa
         per_replica = 1.0
     else:  # CPU replicas: leave one CPU for reading and packing, or the stream starves (ARCHITECTURE §6)
         per_replica = max(0.25, (cpus - 1) / replicas)
-    threads = max(1, int(os.cpu_count() or 1) // replicas) if gpus_per_replica == 0 else 2
+    if threads is None:
+        threads = max(1, int(os.cpu_count() or 1) // replicas) if gpus_per_replica == 0 else 2
     return {"num_cpus": per_replica, "threads": threads}
 
 
@@ -145,7 +159,7 @@ def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertS
     """Stream one corpus through the replicas until the token budget is reached."""
     from ray.data import ActorPoolStrategy
 
-    placement = placement_for(config.replicas, config.gpus_per_replica, config.cpus_per_replica)
+    placement = placement_for(config.replicas, config.gpus_per_replica, config.cpus_per_replica, config.threads_per_replica)
     dataset = packed_dataset(
         source, tokenizer=config.tokenizer or config.model, trust_remote_code=config.trust_remote_code,
         template=config.template, seq_len=config.seq_len, seed=config.seed, max_tokens=config.n_sample_tokens,

@@ -21,6 +21,7 @@ from esft import synthetic
 from esft.adapter import adapter_summary, load_adapter, save_adapter
 from esft.data import collate_rows, pack_samples, read_conversations, tokenize_conversations
 from esft.io import atomic_directory, atomic_write_text
+from esft.numerics import Tolerance, forward_tolerance
 from esft.pretrain import ASSET_DIR
 from esft.scores import SCORES_FILENAME, SUMMARY_FILENAME, empty_scores_for, profile_batch
 from esft.select import CONFIG_FILENAME, load_layer_scores, select_experts
@@ -43,6 +44,20 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _batches(rows, size: int) -> list[dict[str, torch.Tensor]]:
     return [collate_rows(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+def _check_merged(trained, merged, probe: torch.Tensor) -> tuple[float, Tolerance]:
+    """The merged model must compute what the trained one does. Its fused experts kernel groups
+    the sums differently from the trained model's selective one, so the logits agree within the
+    rounding tolerance (bit for bit on some CPUs only); a real merge error is far larger."""
+    with torch.no_grad():
+        expected, actual = trained.eval()(probe).logits, merged.eval()(probe).logits
+    tolerance = forward_tolerance(trained)
+    max_diff = (actual - expected).abs().max().item()
+    if not tolerance.allows(actual, expected):
+        raise RuntimeError(f"merged model differs from the trained model (max |logit diff| {max_diff:.3g}, "
+                           f"beyond the rounding tolerance rtol = atol = {tolerance.rtol:.3g}); please report this bug")
+    return max_diff, tolerance
 
 
 def run_quickstart(out: Path, steps: int = 200, overwrite: bool = False) -> dict:
@@ -97,11 +112,7 @@ def run_quickstart(out: Path, steps: int = 200, overwrite: bool = False) -> dict
         load_adapter(reloaded, run / "adapter")
         merge_adapter(reloaded).save_pretrained(run / "merged")
         tokenizer.save_pretrained(run / "merged")
-        probe = valid_batches[0]["input_ids"]
-        with torch.no_grad():
-            max_diff = (model.eval()(probe).logits - reloaded.eval()(probe).logits).abs().max().item()
-        if max_diff != 0.0:
-            raise RuntimeError(f"merged model differs from the trained model (max |logit diff| {max_diff})")
+        max_diff, tolerance = _check_merged(model, reloaded, valid_batches[0]["input_ids"])
         report = {
             "selected_experts": config.num_selected,
             "trainable_parameters": summary.trainable_parameters,
@@ -110,6 +121,7 @@ def run_quickstart(out: Path, steps: int = 200, overwrite: bool = False) -> dict
             "valid_loss_after": valid_after,
             "adapter_bytes": adapter_summary(run / "adapter")["bytes"],
             "merged_logits_max_abs_diff": max_diff,
+            "merged_logits_tolerance": {"rtol": tolerance.rtol, "atol": tolerance.atol},
             "seconds": round(time.perf_counter() - started, 1),
         }
         atomic_write_text(run / "report.json", json.dumps(report, indent=2))

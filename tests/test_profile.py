@@ -44,27 +44,36 @@ def config(assets, out, **overrides) -> ProfileConfig:
     return ProfileConfig(**{**values, **overrides})
 
 
-def single_process_scores(assets, budget: int) -> ExpertScores:
-    """The same packed rows, profiled in this process with the same batch boundaries."""
+def single_process_scores(assets, budget: int, threads: int) -> ExpertScores:
+    """The same packed rows, profiled in this process with the same batch boundaries and thread
+    count as a replica: the same computation, so the same bits."""
     lines = [line for line in open(assets["math"]).read().splitlines()]
     packed = pack_block(pa.table({"text": lines}), kind="jsonl", where=assets["math"], tokenizer=assets["model"],
                         trust_remote_code=False, template="reference", seq_len=SEQ_LEN, seed=3, max_tokens=budget,
                         loss_tokens_only=False)
     model = AutoModelForCausalLM.from_pretrained(assets["model"])
     scores = ExpertScores.empty((1, 2, 3), 16, 2)
-    for start in range(0, len(packed["input_ids"]), BATCH):
-        part = {k: torch.from_numpy(packed[k][start:start + BATCH]).long() for k in ("input_ids", "attention_mask", "token_mask")}
-        rows = profile_rows(model, part["input_ids"], part["attention_mask"], part["token_mask"])
-        for b in range(len(rows)):
-            if scores.total_tokens < budget:
-                add_rows(scores, rows.row(b))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for start in range(0, len(packed["input_ids"]), BATCH):
+            part = {k: torch.from_numpy(packed[k][start:start + BATCH]).long() for k in ("input_ids", "attention_mask", "token_mask")}
+            rows = profile_rows(model, part["input_ids"], part["attention_mask"], part["token_mask"])
+            for b in range(len(rows)):
+                if scores.total_tokens < budget:
+                    add_rows(scores, rows.row(b))
+    finally:
+        torch.set_num_threads(previous_threads)
     return scores
 
 
 def test_pipeline_sums_equal_single_process_and_do_not_depend_on_replicas(assets, tmp_path):
-    one = run_profile(config(assets, tmp_path / "one", replicas=1))[0].scores
-    two = run_profile(config(assets, tmp_path / "two", replicas=2))[0].scores
-    expected = single_process_scores(assets, 1500)
+    # Same batches whatever the replica count, and one thread everywhere: the same computation in
+    # every replica and here, so the sums are bit-identical (a different thread count may round
+    # the router weights differently on some CPUs; see pipeline/profile.py).
+    one = run_profile(config(assets, tmp_path / "one", replicas=1, threads_per_replica=1))[0].scores
+    two = run_profile(config(assets, tmp_path / "two", replicas=2, threads_per_replica=1))[0].scores
+    expected = single_process_scores(assets, 1500, threads=1)
     for result in (one, two):
         assert np.array_equal(result.selections_LE, expected.selections_LE)
         assert np.array_equal(result.gate_mass_fixed_LE, expected.gate_mass_fixed_LE)
@@ -77,6 +86,20 @@ def test_pipeline_sums_equal_single_process_and_do_not_depend_on_replicas(assets
         a = select_experts(load_layer_scores(tmp_path / "one", function), top_p=0.2)
         b = select_experts(load_layer_scores(tmp_path / "two", function), top_p=0.2)
         assert a == b
+
+
+def test_replicas_get_the_same_batches_from_a_corpus_of_many_blocks(assets, tmp_path, monkeypatch):
+    """Blocks of different row counts, rebundled into batches: the bundling happens before the
+    replicas, so 1 and 2 replicas compute the same batches and the sums are bit-identical."""
+    import pipeline.data
+
+    monkeypatch.setattr(pipeline.data, "BLOCK_BYTES", 2048)  # the corpus becomes several blocks
+    runs = [run_profile(config(assets, tmp_path / f"r{n}", replicas=n, threads_per_replica=1, n_sample_tokens=4000))[0].scores
+            for n in (1, 2)]
+    one, two = runs
+    assert one.total_tokens >= 4000
+    for name in ("tokens_L", "selections_LE", "gate_mass_fixed_LE", "seq_mean_selections_LE", "seq_mean_gate_LE"):
+        assert np.array_equal(getattr(one, name), getattr(two, name)), name
 
 
 def test_outputs_and_multi_task_overlap(assets, tmp_path, caplog):
@@ -114,6 +137,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(assets, tmp_path):
         run_profile(config(assets, out, data=[str(garbage)]))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         run_profile(config(assets, out, batch_size=0))
+    with pytest.raises(ValueError, match="threads_per_replica must be a positive integer"):
+        run_profile(config(assets, out, threads_per_replica=0))
     llama = tmp_path / "llama"
     from transformers import AutoConfig, AutoModelForCausalLM
 
