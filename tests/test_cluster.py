@@ -26,3 +26,12 @@ def test_schema_check_catches_a_broken_config():
     config["available_node_types"]["head.cpu"]["no_such_field"] = 1
     with pytest.raises(Exception, match="no_such_field"):
         validate_config(config)
+
+
+def test_dashboard_listens_on_the_head_only():
+    """The Jobs API runs any command it is sent: reachable through an SSH tunnel, not the network."""
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    text = (ROOT / "ray_cluster.yaml").read_text()
+    assert "ray dashboard ray_cluster.yaml" in text and "<head>:8265" not in text
