@@ -4,8 +4,9 @@ same gates as the shipped model (esft.pretrain.measure_specialisation).
 
     python bench/pretrain_ablation.py --steps 400 --out runs/pretrain_ablation
 
-Writes one model directory per variant under --out and bench/results/pretrain_ablation.json
-(`esft pretrain --ablation` puts its rows into the model card). Prints one JSON object last.
+Writes one model directory per variant under --out and bench/results/pretrain_ablation.json, whose
+rows go into the model card (`--card esft/assets/mini-moe`, or `esft pretrain --ablation FILE`).
+Prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import json  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
-from esft.pretrain import GATES, PretrainRecipe, pretrain  # noqa: E402
+from esft.pretrain import GATES, PretrainRecipe, pretrain, refresh_model_card  # noqa: E402
 
-VARIANTS = (("batch", 0.003), ("batch", 0.001), ("batch", 0.01), ("sequence", 0.003))
+VARIANTS = (("batch", 0.001), ("batch", 0.003), ("batch", 0.01), ("sequence", 0.001))
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
 
 
@@ -32,12 +33,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--out", default="runs/pretrain_ablation")
     parser.add_argument("--only", nargs="*", help="variants as scope:coef, e.g. batch:0.001")
+    parser.add_argument("--card", help="afterwards, rewrite this model directory's card with the ablation table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     variants = [(s, float(c)) for s, c in (v.split(":") for v in args.only)] if args.only else VARIANTS
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for scope, coef in variants:
-        recipe = replace(PretrainRecipe(), steps=args.steps, balance_scope=scope, balance_loss_coef=coef, log_every=10)
+        recipe = replace(PretrainRecipe(), steps=args.steps, balance_scope=scope, balance_loss_coef=coef, log_every=10,
+                         measure_at=())
         report = pretrain(recipe, Path(args.out) / f"{scope}-{coef}", overwrite=True)
         spec = report["specialisation"]
         row = {"recipe": report["recipe"], "seconds": report["seconds"], "figures": spec["figures"],
@@ -47,6 +50,8 @@ def main() -> int:
                 != (scope, coef, args.steps)] + [row]
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(rows, indent=1))
+    if args.card:
+        refresh_model_card(Path(args.card), rows)
     summary = {f"{r['recipe']['balance_scope']}-{r['recipe']['balance_loss_coef']}-{r['recipe']['steps']}":
                {key: r["figures"][key] for _, key, *_ in GATES} for r in rows}
     print(json.dumps({"ratios": {f"{name}:{key}": value for name, figures in summary.items() for key, value in figures.items()},
