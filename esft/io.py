@@ -1,4 +1,9 @@
-"""Atomic file and directory writes: an interrupted run never leaves a half-written artifact."""
+"""Atomic file and directory writes: an interrupted run never leaves a half-written artifact.
+
+The temporary files and directories behind them are created private (0600 / 0700) by
+`tempfile`; before they are renamed into place they get the permissions any other file would:
+0666 / 0777 less the user's umask, so outputs on shared cluster storage stay shareable.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -35,6 +54,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~current_umask())
         yield tmp
         if path.exists():
             shutil.rmtree(path)

@@ -15,6 +15,7 @@ script's bug, ESFT-SPEC §2).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -145,31 +146,27 @@ class ExpertScores:
 
     @classmethod
     def from_json(cls, data: dict, where: str = "scores") -> ExpertScores:
-        if data.get("format") != SCORES_FORMAT:
-            raise ScoresError(f"{where}: not an ESFT scores file (format {data.get('format')!r}, expected {SCORES_FORMAT!r})")
+        if not isinstance(data, dict) or data.get("format") != SCORES_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ScoresError(f"{where}: not an ESFT scores file (format {found!r}, expected {SCORES_FORMAT!r})")
         if data.get("gate_fixed_point_bits") != GATE_FIXED_POINT_BITS:
             raise ScoresError(f"{where}: unsupported gate fixed-point precision {data.get('gate_fixed_point_bits')}")
-        layers, E = tuple(int(x) for x in data["layers"]), int(data["num_experts"])
-        arrays = {
-            "selections_LE": np.asarray(data["selections"], np.int64),
-            "gate_mass_fixed_LE": np.asarray(data["gate_mass_fixed"], np.int64),
-        }
-        for name, array in arrays.items():
-            if array.shape != (len(layers), E):
-                raise ScoresError(
-                    f"{where}: {name} has shape {array.shape} but the file declares {len(layers)} layers x {E} experts"
-                )
+        layers = tuple(_count(x, "layers", where) for x in _field(data, "layers", where))
+        E, K = _count(_field(data, "num_experts", where), "num_experts", where), _count(_field(data, "top_k", where), "top_k", where)
         optional = {k: data.get(k) for k in ("seq_mean_selections", "seq_mean_gate")}
         return cls(
             layers=layers,
             num_experts=E,
-            top_k=int(data["top_k"]),
-            tokens_L=np.asarray(data["tokens"], np.int64),
-            sequences=int(data.get("sequences", 0)),
-            seq_mean_selections_LE=None if optional["seq_mean_selections"] is None else np.asarray(optional["seq_mean_selections"], np.float64),
-            seq_mean_gate_LE=None if optional["seq_mean_gate"] is None else np.asarray(optional["seq_mean_gate"], np.float64),
-            metadata=dict(data.get("metadata", {})),
-            **arrays,
+            top_k=K,
+            tokens_L=_checked_array(_field(data, "tokens", where), np.int64, (len(layers),), "tokens", where),
+            selections_LE=_checked_array(_field(data, "selections", where), np.int64, (len(layers), E), "selections", where),
+            gate_mass_fixed_LE=_checked_array(_field(data, "gate_mass_fixed", where), np.int64, (len(layers), E), "gate_mass_fixed", where),
+            sequences=_count(data.get("sequences", 0), "sequences", where),
+            seq_mean_selections_LE=None if optional["seq_mean_selections"] is None else _checked_array(
+                optional["seq_mean_selections"], np.float64, (len(layers), E), "seq_mean_selections", where),
+            seq_mean_gate_LE=None if optional["seq_mean_gate"] is None else _checked_array(
+                optional["seq_mean_gate"], np.float64, (len(layers), E), "seq_mean_gate", where),
+            metadata=dict(data.get("metadata") or {}),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -185,6 +182,43 @@ class ExpertScores:
         except (OSError, json.JSONDecodeError) as error:
             raise ScoresError(f"cannot read scores file {path}: {error}") from error
         return cls.from_json(data, where=str(path))
+
+
+def is_score_value(value) -> bool:
+    """A usable score or count: a finite, non-negative number (JSON true/false are not numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _field(data: dict, key: str, where: str):
+    if key not in data:
+        raise ScoresError(f"{where}: the scores file lacks {key!r}; re-run esft profile to write a complete one")
+    return data[key]
+
+
+def _count(value, key: str, where: str) -> int:
+    if not (is_score_value(value) and float(value).is_integer()):
+        raise ScoresError(f"{where}: {key} must be non-negative integers, found {value!r}; re-run esft profile")
+    return int(value)
+
+
+def _checked_array(values, dtype, shape: tuple[int, ...], key: str, where: str) -> np.ndarray:
+    """`values` as an array of `shape`, every entry a finite, non-negative number (integers for
+    counts): a NaN, a string or a negative count is a corrupted file, not a score."""
+    try:
+        found_shape = np.shape(values)
+        flat = np.asarray(values, dtype=object).reshape(-1) if found_shape else [values]
+    except ValueError:  # ragged nested lists
+        found_shape, flat = "ragged", []
+    if found_shape != shape:
+        declared = f"{shape[0]} layers" + (f" x {shape[1]} experts" if len(shape) > 1 else "")
+        raise ScoresError(f"{where}: {key} has shape {found_shape} but the file declares {declared}; "
+                          "the file is corrupted or was edited: re-run esft profile")
+    bad = next((v for v in flat if not is_score_value(v) or (dtype == np.int64 and not float(v).is_integer())), None)
+    if bad is not None:
+        kind = "non-negative integers" if dtype == np.int64 else "finite, non-negative numbers"
+        raise ScoresError(f"{where}: {key} holds {bad!r}, but must hold {kind}; "
+                          "the file is corrupted or was edited: re-run esft profile")
+    return np.asarray(values, dtype=dtype)
 
 
 def _add_optional(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esft.io import atomic_write_text
-from esft.scores import SCORE_FUNCTIONS, SCORES_FILENAME, SUMMARY_FILENAME, Averaging, ExpertScores, ScoresError, layer_score_dict
+from esft.scores import (
+    SCORE_FUNCTIONS, SCORES_FILENAME, SUMMARY_FILENAME, Averaging, ExpertScores, ScoresError, is_score_value, layer_score_dict,
+)
 
 CONFIG_FILENAME = "expert_cfg.json"
 
@@ -162,4 +164,8 @@ def _validated_summary(data: dict, score_function: str, path: Path) -> dict[str,
         expected = expected or len(ids)
         if len(ids) != expected:
             raise ScoresError(f"{path}: layer {layer} has {len(ids)} experts but other layers have {expected}")
+        bad = next(((e, v) for e, v in by_expert.items() if not is_score_value(v)), None)
+        if bad is not None:
+            raise ScoresError(f"{path}: layer {layer}, expert {bad[0]} has score {bad[1]!r}; scores must be finite, "
+                              "non-negative numbers (re-run esft profile, or fix the file)")
     return layers

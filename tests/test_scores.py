@@ -142,6 +142,40 @@ def test_corrupt_scores_files_are_rejected(tmp_path):
         ExpertScores.load(bad)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("selections", [[1, "many", 2, 2]], "selections holds 'many', but must hold non-negative integers"),
+        ("selections", [[1, -3, 2, 2]], "selections holds -3"),
+        ("gate_mass_fixed", [[1.5, 0, 0, 0]], "gate_mass_fixed holds 1.5"),
+        ("seq_mean_gate", [[float("nan"), 0.1, 0.2, 0.3]], "seq_mean_gate holds nan, but must hold finite, non-negative numbers"),
+        ("seq_mean_gate", [[float("inf"), 0.1, 0.2, 0.3]], "seq_mean_gate holds inf"),
+        ("tokens", [True], "tokens holds True"),
+        ("tokens", "5", "tokens has shape"),
+        ("selections", [[1, 2], [3]], "selections has shape ragged"),
+        ("num_experts", "4", "num_experts must be non-negative integers"),
+        ("top_k", None, "top_k must be non-negative integers"),
+    ],
+)
+def test_scores_files_must_hold_finite_non_negative_numbers(tmp_path, key, value, message):
+    data = hand_built_scores().to_json()
+    data[key] = value
+    bad = tmp_path / "expert_scores.json"
+    bad.write_text(json.dumps(data))  # json writes NaN / Infinity, and Python reads them back
+    with pytest.raises(ScoresError, match=message):
+        ExpertScores.load(bad)
+
+
+@pytest.mark.parametrize("key", ["layers", "num_experts", "top_k", "tokens", "selections", "gate_mass_fixed"])
+def test_scores_files_missing_a_field_are_rejected(tmp_path, key):
+    data = hand_built_scores().to_json()
+    del data[key]
+    bad = tmp_path / "expert_scores.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ScoresError, match=f"lacks '{key}'; re-run esft profile"):
+        ExpertScores.load(bad)
+
+
 def test_no_tokens_is_an_error():
     with pytest.raises(ScoresError, match="no tokens were profiled"):
         ExpertScores.empty((1,), 4, 2).scores("token")

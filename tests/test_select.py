@@ -129,6 +129,18 @@ def test_malformed_summaries_are_rejected(tmp_path):
         load_layer_scores(empty, "token")
 
 
+@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), ("high", "'high'"), (-0.1, "-0.1"), (None, "None"), (True, "True")])
+def test_summary_scores_must_be_finite_non_negative_numbers(tmp_path, capsys, value, shown):
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"token_scores": {"1": {"0": 0.5, "1": value}}}))  # NaN is written as NaN
+    with pytest.raises(ScoresError, match=f"layer 1, expert 1 has score {shown}; scores must be finite, non-negative"):
+        load_layer_scores(summary, "token")
+    out = tmp_path / "cfg.json"
+    assert esft(["select", "--scores", str(summary), "--score-function", "token", "--top-p", "0.2", "--out", str(out)]) == 2
+    assert "scores must be finite, non-negative numbers" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_expert_config_validation():
     with pytest.raises(SelectionError, match="lists an expert twice"):
         ExpertConfig.from_dict({"experts": {"1": [2, 2]}})
