@@ -2,7 +2,7 @@
 (batch vs sequence), each a shorter run of the same recipe on the same data, measured by the
 same gates as the shipped model (esft.pretrain.measure_specialisation).
 
-    python bench/pretrain_ablation.py --steps 400 --out runs/pretrain_ablation
+    python bench/pretrain_ablation.py --preset mini-moe-v2 --steps 400 --out runs/pretrain_ablation
 
 Writes one model directory per variant under --out and bench/results/pretrain_ablation.json, whose
 rows go into the model card (`--card esft/assets/mini-moe`, or `esft pretrain --ablation FILE`).
@@ -22,14 +22,15 @@ import json  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
-from esft.pretrain import GATES, PretrainRecipe, pretrain, refresh_model_card  # noqa: E402
+from esft.pretrain import GATES, PRESETS, pretrain, refresh_model_card  # noqa: E402
 
-VARIANTS = (("batch", 0.001), ("batch", 0.003), ("batch", 0.01), ("sequence", 0.001))
+VARIANTS = (("batch", 0.0001), ("batch", 0.001), ("batch", 0.01), ("sequence", 0.001))
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="mini-moe-v2", help="the recipe whose knobs are varied")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--out", default="runs/pretrain_ablation")
     parser.add_argument("--only", nargs="*", help="variants as scope:coef, e.g. batch:0.001")
@@ -39,7 +40,7 @@ def main() -> int:
     variants = [(s, float(c)) for s, c in (v.split(":") for v in args.only)] if args.only else VARIANTS
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for scope, coef in variants:
-        recipe = replace(PretrainRecipe(), steps=args.steps, balance_scope=scope, balance_loss_coef=coef, log_every=10,
+        recipe = replace(PRESETS[args.preset], steps=args.steps, balance_scope=scope, balance_loss_coef=coef, log_every=10,
                          measure_at=())
         report = pretrain(recipe, Path(args.out) / f"{scope}-{coef}", overwrite=True)
         spec = report["specialisation"]

@@ -1,23 +1,24 @@
 """The recipe that builds the project's small pretrained MoE, `mini-moe` (the embedded default):
 
-    esft pretrain --out esft/assets/mini-moe
+    esft pretrain --out esft/assets/mini-moe                       # the shipped model
+    esft pretrain --preset mini-moe-v2 --out runs/mini-moe-v2      # the specialised-experts design
 
-A model in DeepSeek-V2-Lite's proportions, scaled to a 2-core CPU: one dense first layer, then six
-MoE layers of 64 fine-grained routed experts (top-6) plus two shared experts, MLA attention, and a
-byte-level BPE tokenizer trained on every domain. It is pretrained from scratch on
+`PRESETS["mini-moe"]` (the defaults of `PretrainRecipe`) is the shipped model: a DeepSeek-V2
+model (one dense first layer, then 4 MoE layers of 32 routed experts, top-4, one shared expert, MLA
+attention) with a byte-level BPE tokenizer, pretrained from scratch on the generated general
+mixture plus the aligned tasks intent, law and summary in the User/Assistant template; math, code
+and translation are held out of tokenizer and model.
 
-- the general-domain mixture and the aligned tasks intent, law and summary in the User/Assistant
-  template (what the paper's vanilla chat model already does well), and
-- raw, unaligned text of every task domain (`esft.synthetic.raw_documents`): arithmetic in prose
-  and worksheets, Python REPL sessions, a Veltish glossary and reader, request logs, law reports,
-  news articles. The held-out tasks math, code and translation are held out of the instruction
-  format only, as in the paper: the vanilla model has the skills but not the alignment.
+`PRESETS["mini-moe-v2"]` is DeepSeek-V2-Lite's proportions (6 MoE layers of 64 experts, top-6, two
+shared experts), with raw, unaligned text of every task domain in pretraining
+(`esft.synthetic.raw_documents`: worksheets and exercises, REPL sessions and scripts, a Veltish
+glossary and reader, request logs, law reports, news) so that the held-out tasks are held out of
+the instruction format only, and one domain per block. Its gates are not met yet (bench/README.md).
 
-A batch-level switch balancing loss keeps every expert in use while leaving each domain free to
-concentrate on its own experts (a sequence-level loss would force every sequence, i.e. every
-domain, to spread evenly). After training, `measure_specialisation` checks the gates ESFT's premise
-needs (concentrated, task-specific routing; held-out tasks learnable but not yet aligned) and the
-model card reports them beside DeepSeek-V2-Lite's own figures.
+Both add a switch-style balance loss over the batch (or, as an ablation, per sequence).
+`measure_specialisation` measures the gates ESFT's premise needs (concentrated, task-specific
+routing; held-out tasks learnable but not aligned; aligned tasks solved) beside DeepSeek-V2-Lite's
+figures; `bench/specialisation.py` runs it on any model directory.
 
 Deterministic for a given seed, torch build and thread count (the recipe pins the threads). The
 result is a standard Hugging Face directory: it loads with `AutoModelForCausalLM.from_pretrained`
@@ -31,13 +32,12 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from transformers import (
     AutoConfig,
@@ -57,10 +57,16 @@ from esft.data import (
     parse_record,
     tokenize_conversations,
 )
-from esft.io import atomic_directory, atomic_write_text
 from esft.generation import generate_batch
+from esft.io import atomic_directory, atomic_write_text
 from esft.metrics import score
-from esft.report import effective_experts, experts_sets, routing_mass_ratio, save_domain_heatmaps, selection_jaccard
+from esft.report import (
+    effective_experts,
+    experts_sets,
+    routing_mass_ratio,
+    save_domain_heatmaps,
+    selection_jaccard,
+)
 from esft.scores import ExpertScores, empty_scores_for, profile_batch
 from esft.tiny import tiny_tokenizer
 from esft.training import PAPER_BETAS, PAPER_GRAD_CLIP, PAPER_WEIGHT_DECAY, mean_loss
@@ -79,28 +85,44 @@ BALANCE_SCOPES = ("batch", "sequence")
 
 @dataclass
 class PretrainRecipe:
+    """Everything that determines a mini-moe build. The defaults are the shipped model's recipe
+    (PRESETS["mini-moe"]); PRESETS["mini-moe-v2"] is the specialised-experts design in progress."""
+
     seed: int = 0
-    steps: int = 1500
+    # data
+    general_rows: int = 60000
+    task_rows: int = 20000  # per aligned task, in the instruction template
+    raw_documents: int = 0  # per task domain, raw unaligned text (esft.synthetic.raw_documents)
+    domain_blocks: bool = False  # one domain per pretraining block (as a window of a long document) or a mixed stream
+    tokenizer_sees_template: bool = False  # train the tokenizer on "User: ... Assistant: ..." (template words as tokens)
+    vocab_size: int = 2048
+    # architecture (DeepSeek-V2: the first layer dense, then MoE layers)
+    layers: int = 5
+    routed_experts: int = 32
+    experts_per_token: int = 4
+    shared_experts: int = 1
+    expert_width: int = 32
+    # training
+    steps: int = 2400
     batch_rows: int = 16
     seq_len: int = 256
     lr: float = 2e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to this share of lr
-    balance_loss_coef: float = 0.001  # chosen by the ablation in the model card
+    balance_loss_coef: float = 0.01
     balance_scope: str = "batch"  # "batch" or "sequence": over which tokens expert load is balanced
-    vocab_size: int = 2048
-    general_rows: int = 60000
-    task_rows: int = 20000  # per aligned task, in the instruction template
-    raw_documents: int = 5000  # per task domain, raw text
     threads: int = 2
     log_every: int = 50
-    measure_at: tuple[int, ...] = (400, 800, 1200)  # also measure routing specialisation at these steps
+    measure_at: tuple[int, ...] = ()  # also measure routing specialisation at these steps
     measure_rows: int = 400  # rows per domain profiled for the gates (half as many for losses, a quarter generated)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows"):
+        for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows",
+                     "routed_experts", "experts_per_token", "shared_experts", "expert_width"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"pretrain: {name} must be a positive integer")
+        if self.layers < 2 or self.experts_per_token > self.routed_experts:
+            raise ValueError("pretrain: need layers >= 2 (one dense, then MoE) and experts_per_token <= routed_experts")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.balance_loss_coef < 0:
             raise ValueError("pretrain: lr must be > 0, min_lr_ratio in [0, 1] and balance_loss_coef >= 0")
         if self.balance_scope not in BALANCE_SCOPES:
@@ -109,15 +131,29 @@ class PretrainRecipe:
             raise ValueError("pretrain: task_rows and raw_documents must be >= 0")
 
 
-def mini_moe_config(vocab_size: int) -> PretrainedConfig:
-    """The architecture in DeepSeek-V2-Lite's proportions (64 routed experts, top-6, 2 shared
-    experts, one dense layer first, narrow experts), scaled to a 2-core CPU and <= 25 MiB."""
+PRESETS: dict[str, PretrainRecipe] = {
+    # The shipped embedded model: 32 experts top-4 + 1 shared, 4 MoE layers, pretrained on the
+    # general mixture and the aligned tasks only (held-out tasks never seen).
+    "mini-moe": PretrainRecipe(),
+    # DeepSeek-V2-Lite's proportions (64 experts top-6 + 2 shared, 6 MoE layers), raw text of every
+    # domain, one-domain blocks. Its measured gates are in bench/README.md: more concentrated
+    # routing and learnable held-out tasks, but not yet task-specific experts or solved aligned tasks.
+    "mini-moe-v2": PretrainRecipe(raw_documents=5000, domain_blocks=True, tokenizer_sees_template=True, layers=7,
+                                  routed_experts=64, experts_per_token=6, shared_experts=2, expert_width=24, steps=1500,
+                                  balance_loss_coef=0.001, measure_at=(400, 800, 1200)),
+}
+
+
+def mini_moe_config(vocab_size: int, recipe: PretrainRecipe | None = None) -> PretrainedConfig:
+    """The DeepSeek-V2 architecture of `recipe` (fine-grained experts, MLA attention, a dense first
+    layer), scaled to a 2-core CPU."""
+    recipe = recipe or PretrainRecipe()
     return AutoConfig.for_model(
         "deepseek_v2",
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,  # the dense first layer
-        num_hidden_layers=7,
+        num_hidden_layers=recipe.layers,
         first_k_dense_replace=1,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -126,13 +162,13 @@ def mini_moe_config(vocab_size: int) -> PretrainedConfig:
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
         v_head_dim=32,
-        n_routed_experts=64,
-        num_experts_per_tok=6,
-        n_shared_experts=2,
-        moe_intermediate_size=24,
+        n_routed_experts=recipe.routed_experts,
+        num_experts_per_tok=recipe.experts_per_token,
+        n_shared_experts=recipe.shared_experts,
+        moe_intermediate_size=recipe.expert_width,
         topk_method="greedy",
         routed_scaling_factor=1.0,
-        max_position_embeddings=256,  # the context it is pretrained on (seq_len); longer inputs degrade
+        max_position_embeddings=recipe.seq_len,  # the context it is pretrained on; longer inputs degrade
         tie_word_embeddings=False,
         bos_token_id=0,  # tiny_tokenizer's special tokens
         eos_token_id=1,
@@ -141,72 +177,67 @@ def mini_moe_config(vocab_size: int) -> PretrainedConfig:
 
 
 @dataclass(frozen=True)
-class TemplateDocument:
+class Document:
     source: str  # the domain it comes from
-    conversation: Conversation
+    conversation: Conversation | None = None  # a row in the User/Assistant template
+    text: str | None = None  # or raw text
 
 
-@dataclass(frozen=True)
-class RawDocument:
-    source: str
-    text: str
-
-
-@dataclass
-class PretrainingCorpus:
-    conversations: list[TemplateDocument]  # general + aligned tasks, in the User/Assistant template
-    raw_texts: list[RawDocument]  # raw text of every task domain
-
-    def texts(self) -> list[str]:
-        """Everything the tokenizer is trained on: every domain's words, and the conversations as the
-        model reads them, so that the template's own words ("User", "Assistant") are single tokens
-        as in a real chat model's vocabulary (split into letters, they would fill every short row
-        with tokens that all domains route alike)."""
-        conversations = ["".join(PROMPT_USER.format(input=m.content) if m.role == "user" else f"{PROMPT_ASSISTANT} {m.content}"
-                                 for m in d.conversation.messages) for d in self.conversations]
-        return conversations + [d.text for d in self.raw_texts]
-
-
-def pretraining_corpus(recipe: PretrainRecipe) -> PretrainingCorpus:
+def pretraining_corpus(recipe: PretrainRecipe) -> list[Document]:
     """General mixture + the aligned tasks in the template + raw text of every task domain (the
-    held-out tasks appear only as raw text)."""
-    conversations = []
+    held-out tasks appear only as raw text, if at all); in training order for a mixed stream."""
+    documents = []
     for domain in (synthetic.GENERAL, *synthetic.PRETRAIN_TASKS):
         count = recipe.general_rows if domain == synthetic.GENERAL else recipe.task_rows
-        conversations += [TemplateDocument(domain, parse_record(record, f"{domain} pretraining row {i}"))
-                          for i, record in enumerate(synthetic.rows(domain, count, seed=recipe.seed))]
-    raw = [RawDocument(domain, text) for domain in synthetic.RAW_GENERATORS
-           for text in synthetic.raw_documents(domain, recipe.raw_documents, recipe.seed)]
-    return PretrainingCorpus(conversations, raw)
+        documents += [Document(domain, conversation=parse_record(record, f"{domain} pretraining row {i}"))
+                      for i, record in enumerate(synthetic.rows(domain, count, seed=recipe.seed))]
+    if recipe.raw_documents:
+        documents += [Document(domain, text=text) for domain in synthetic.RAW_GENERATORS
+                      for text in synthetic.raw_documents(domain, recipe.raw_documents, recipe.seed)]
+    if not recipe.domain_blocks:
+        random.Random(f"pretrain:{recipe.seed}").shuffle(documents)
+    return documents
 
 
-def token_blocks(corpus: PretrainingCorpus, tokenizer: PreTrainedTokenizerBase, recipe: PretrainRecipe) -> tuple[torch.Tensor, dict]:
+def tokenizer_texts(documents: list[Document], recipe: PretrainRecipe) -> list[str]:
+    """What the tokenizer is trained on: every domain's words; with tokenizer_sees_template, the
+    conversations as the model reads them, so that "User" and "Assistant" are single tokens as in
+    a real chat model's vocabulary."""
+    texts = []
+    for d in documents:
+        if d.conversation is None:
+            texts.append(d.text)
+        elif recipe.tokenizer_sees_template:
+            texts.append("".join(PROMPT_USER.format(input=m.content) if m.role == "user" else f"{PROMPT_ASSISTANT} {m.content}"
+                                 for m in d.conversation.messages))
+        else:
+            texts += [m.content for m in d.conversation.messages]
+    return texts
+
+
+def token_blocks(documents: list[Document], tokenizer: PreTrainedTokenizerBase, recipe: PretrainRecipe) -> tuple[torch.Tensor, dict]:
     """Blocks [N, seq_len] for language-model pretraining (loss on every token), and the token mix.
 
-    Each source (a domain's template rows, a domain's raw text) is concatenated on its own and cut
-    into blocks, which are then shuffled: a block holds one domain, as a window of a long web
-    document does. Mixing domains inside every block would leave attention no consistent context
-    to route by, and the experts would specialise on tokens, not on domains."""
-    rng = random.Random(f"pretrain:{recipe.seed}")
-    blocks: list[list[int]] = []
-    tokens = {"template": 0, "raw": 0}
-    for kind, documents in (("template", corpus.conversations), ("raw", corpus.raw_texts)):
-        for source in sorted({d.source for d in documents}):
-            stream = _document_stream([d for d in documents if d.source == source], tokenizer, kind)
-            tokens[kind] += len(stream)
-            blocks += [stream[i : i + recipe.seq_len] for i in range(0, len(stream) - recipe.seq_len + 1, recipe.seq_len)]
-    rng.shuffle(blocks)
-    total = tokens["template"] + tokens["raw"]
-    mix = {"documents": len(corpus.conversations) + len(corpus.raw_texts), "tokens": total,
-           "raw_text_share": round(tokens["raw"] / max(1, total), 4)}
+    A mixed stream concatenates the (shuffled) documents and cuts blocks; with domain_blocks, each
+    source (a domain's template rows, a domain's raw text) is cut into blocks on its own and the
+    blocks are shuffled, so that a block holds one domain, as a window of a long web document does."""
+    conversations = [d.conversation for d in documents if d.conversation is not None]
+    template_ids = iter(sample.input_ids for sample in tokenize_conversations(conversations, tokenizer))
+    ids = [next(template_ids) if d.conversation is not None
+           else [tokenizer.bos_token_id, *tokenizer.encode(d.text, add_special_tokens=False), tokenizer.eos_token_id]
+           for d in documents]
+    streams: dict[str, list[int]] = {}
+    for d, document_ids in zip(documents, ids):
+        streams.setdefault(f"{d.source}/{'template' if d.conversation is not None else 'raw'}" if recipe.domain_blocks else "all",
+                           []).extend(document_ids)
+    blocks = [stream[i : i + recipe.seq_len] for stream in streams.values()
+              for i in range(0, len(stream) - recipe.seq_len + 1, recipe.seq_len)]
+    if recipe.domain_blocks:
+        random.Random(f"pretrain:{recipe.seed}").shuffle(blocks)
+    total = sum(len(x) for x in ids)
+    raw = sum(len(x) for d, x in zip(documents, ids) if d.conversation is None)
+    mix = {"documents": len(documents), "tokens": total, "raw_text_share": round(raw / max(1, total), 4)}
     return torch.tensor(blocks, dtype=torch.long), mix
-
-
-def _document_stream(documents: list, tokenizer: PreTrainedTokenizerBase, kind: str) -> list[int]:
-    """One source's documents as one token stream: conversations in the template, raw text as <s>text</s>."""
-    if kind == "template":
-        return [t for sample in tokenize_conversations([d.conversation for d in documents], tokenizer) for t in sample.input_ids]
-    return [t for d in documents for t in (tokenizer.bos_token_id, *tokenizer.encode(d.text, add_special_tokens=False), tokenizer.eos_token_id)]
 
 
 def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1) -> torch.Tensor:
@@ -473,13 +504,14 @@ def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablatio
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(recipe.seed)
     with atomic_directory(out, overwrite=overwrite) as target:
-        corpus = pretraining_corpus(recipe)
-        tokenizer = tiny_tokenizer(corpus.texts(), vocab_size=recipe.vocab_size)
-        blocks, mix = token_blocks(corpus, tokenizer, recipe)
+        documents = pretraining_corpus(recipe)
+        tokenizer = tiny_tokenizer(tokenizer_texts(documents, recipe), vocab_size=recipe.vocab_size)
+        blocks, mix = token_blocks(documents, tokenizer, recipe)
+        del documents  # millions of small Python objects the training loop does not need
         log.info("pretraining data: %d documents, %d tokens (%.1f%% raw text) -> %d blocks of %d tokens (%d steps read %.1f epochs)",
                  mix["documents"], mix["tokens"], 100 * mix["raw_text_share"], len(blocks), recipe.seq_len, recipe.steps,
                  recipe.steps * recipe.batch_rows / len(blocks))
-        model = AutoModelForCausalLM.from_config(mini_moe_config(len(tokenizer)), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(mini_moe_config(len(tokenizer), recipe), dtype=torch.float32)
         measured_at: list[dict] = []
 
         def measure_along_the_way(step: int) -> None:

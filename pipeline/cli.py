@@ -149,11 +149,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from esft.pretrain import ASSET_DIR, PretrainRecipe, pretrain
+    from dataclasses import replace
+
+    from esft.pretrain import ASSET_DIR, PRESETS, pretrain
 
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
                 "balance_scope": args.balance_scope, "measure_at": tuple(args.measure_at) if args.measure_at else None}
-    recipe = PretrainRecipe(**{k: v for k, v in settings.items() if v is not None})
+    recipe = replace(PRESETS[args.preset], **{k: v for k, v in settings.items() if v is not None})
     ablation = None
     if args.ablation:
         try:
@@ -302,11 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="the recipe of the embedded mini-moe: tokenizer + MoE pretraining on generated data")
     p.add_argument("--out", help="model directory (default: the package's esft/assets/mini-moe)")
-    p.add_argument("--steps", type=int, help="pretraining steps (default 1500)")
+    p.add_argument("--preset", default="mini-moe", choices=["mini-moe", "mini-moe-v2"],
+                   help="mini-moe: the shipped model's recipe (default); mini-moe-v2: 64 experts top-6, raw text of every domain")
+    p.add_argument("--steps", type=int, help="pretraining steps (default: the preset's)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--balance-loss-coef", type=float, help="weight of the expert-balance loss (default 0.001)")
+    p.add_argument("--balance-loss-coef", type=float, help="weight of the expert-balance loss (default: the preset's)")
     p.add_argument("--balance-scope", choices=["batch", "sequence"], help="balance expert load per batch (default) or per sequence")
-    p.add_argument("--measure-at", type=int, nargs="*", help="also measure routing specialisation at these steps (default 400 800 1200)")
+    p.add_argument("--measure-at", type=int, nargs="*", help="also measure routing specialisation at these steps")
     p.add_argument("--ablation", help="JSON rows from bench/pretrain_ablation.py to tabulate in the model card")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=cmd_pretrain)
