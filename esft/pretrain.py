@@ -490,9 +490,14 @@ def refresh_model_card(model_dir: Path, ablation: list[dict]) -> Path:
 
 
 def _hardware() -> str:
+    """The CPU model (Linux) or the machine type, for the model card's timing."""
     import platform
 
-    return f"{platform.machine()}, {platform.processor() or platform.system()}"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return f"{platform.machine()}, {platform.system()}"
 
 
 def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablation: list[dict] | None = None) -> dict:
