@@ -8,7 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from esft.report import effective_experts, routing_mass_ratio, save_domain_heatmaps, selection_jaccard
+from esft.report import (
+    effective_experts,
+    routing_mass_ratio,
+    save_domain_heatmaps,
+    selection_jaccard,
+)
 from esft.scores import ExpertScores
 
 
