@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from esft.io import atomic_write_text
@@ -110,6 +110,16 @@ def prepare_embedded(out: Path) -> dict:
             "general_data": str(data / "general.jsonl")}
 
 
+def gain_lines(baseline: dict, tuned: dict, metrics: list[str]) -> list[str]:
+    """`vanilla -> fine-tuned` for each task metric and for the general-domain loss (forgetting)."""
+    lines = [f"{m}: vanilla {baseline[m]:.4f} -> fine-tuned {tuned[m]:.4f} ({tuned[m] - baseline[m]:+.4f})"
+             for m in metrics if m in baseline and m in tuned]
+    if "general_loss" in baseline and "general_loss" in tuned:
+        lines.append(f"general-domain loss: vanilla {baseline['general_loss']:.4f} -> fine-tuned {tuned['general_loss']:.4f} "
+                     f"({tuned['general_loss'] - baseline['general_loss']:+.4f} nats)")
+    return lines
+
+
 def run_pipeline(config: PipelineConfig) -> dict:
     from esft.select import load_layer_scores, select_experts
     from pipeline.evaluate import run_eval
@@ -157,6 +167,10 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     evaluated = stage(run, "eval", {"train": trained, **asdict(eval_cfg)},
                       lambda: {k: v for k, v in run_eval(eval_cfg).items() if isinstance(v, (int, float))})["result"]
+    # The same evaluation of the base model, so the run shows what fine-tuning changed.
+    baseline_cfg = replace(eval_cfg, adapter=None, out=str(run / "eval" / "baseline.json"))
+    baseline = stage(run, "baseline", asdict(baseline_cfg),
+                     lambda: {k: v for k, v in run_eval(baseline_cfg).items() if isinstance(v, (int, float))})["result"]
 
     register_cfg = {"model_name": config.name, "metric": eval_cfg.metric[0], **config.register}
 
@@ -176,9 +190,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
         return asdict(registration)
 
     registered = stage(run, "register", {"eval": evaluated, **register_cfg}, register)["result"]
-    summary = {"run_dir": str(run), "selected_experts": selected, **trained, **evaluated, "registered": registered}
+    summary = {"run_dir": str(run), "selected_experts": selected, **trained, **evaluated, "baseline": baseline,
+               "registered": registered}
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=1, default=str))
-    log.info("done: %d experts selected; %s; registered %s v%s (champion: %s)", selected,
-             ", ".join(f"{m} {evaluated[m]:.4f}" for m in eval_cfg.metric), registered["name"], registered["version"], registered["champion"])
+    log.info("done: %d experts selected; registered %s v%s (champion: %s)", selected, registered["name"], registered["version"],
+             registered["champion"])
+    for line in gain_lines(baseline, evaluated, eval_cfg.metric):
+        log.info("%s", line)
     log.info("artifacts: %s/{profile,select,train,eval}; MLflow UI: mlflow ui --backend-store-uri %s", run, registered["tracking_uri"])
     return summary

@@ -22,22 +22,28 @@ def quick_config(run_dir) -> PipelineConfig:
 
 def test_pipeline_runs_end_to_end_then_skips_and_resumes(tmp_path, caplog):
     run_dir = tmp_path / "run"
+    caplog.set_level("INFO", logger="esft")
     summary = run_pipeline(quick_config(run_dir))
     for artifact in ("profile/expert_scores.json", "select/expert_cfg.json", "train/adapter/model.safetensors",
                      "train/metrics.json", "eval/metrics.json", "eval/metrics.predictions.jsonl", "summary.json"):
         assert (run_dir / artifact).exists(), artifact
     assert summary["selected_experts"] >= 3 and 0.0 <= summary["numeric"] <= 1.0
     assert summary["registered"]["version"] == "1" and summary["registered"]["champion"]
+    # the base model evaluated the same way: what fine-tuning changed is printed last
+    baseline = json.loads((run_dir / "eval" / "baseline.json").read_text())
+    assert summary["baseline"]["numeric"] == baseline["numeric"] and baseline["n"] == 64
+    assert summary["baseline"]["general_loss"] != summary["general_loss"]  # the adapter changed the model
+    assert (f"numeric: vanilla {baseline['numeric']:.4f} -> fine-tuned {summary['numeric']:.4f}") in caplog.text
+    assert f"general-domain loss: vanilla {baseline['general_loss']:.4f} -> fine-tuned {summary['general_loss']:.4f}" in caplog.text
 
-    caplog.set_level("INFO", logger="esft")
     caplog.clear()
     run_pipeline(quick_config(run_dir))  # nothing changed: every stage is skipped
-    assert caplog.text.count("up to date, skipped") == 6
+    assert caplog.text.count("up to date, skipped") == 7
 
     (run_dir / "stages" / "eval.json").unlink()  # as if the driver died during evaluation
     caplog.clear()
     again = run_pipeline(quick_config(run_dir))
-    assert caplog.text.count("up to date, skipped") == 4  # assets, profile, select, train
+    assert caplog.text.count("up to date, skipped") == 5  # assets, profile, select, train, baseline
     assert json.loads((run_dir / "eval" / "metrics.json").read_text())["n"] == 64
     assert again["registered"]["version"] == "2"
 
