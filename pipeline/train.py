@@ -11,7 +11,8 @@ of (step, micro-step, rank), so a restarted or resumed run continues bit for bit
 
 Checkpoints (every --save-every steps): every rank saves its DeepSpeed state (trainable tensors,
 its optimizer partition, the step and the metric history) and rank 0 adds an export (the ESFT
-adapter, the LoRA adapter, or the full model), all reported through `ray.train.report`. With
+adapter, the LoRA adapter, or the full model), all reported through `ray.train.report`. They are
+restored as data only (`weights_only=True` and a short allow-list, pipeline/checkpoint.py). With
 `FailureConfig(max_failures)` Ray restarts dead workers from the latest checkpoint; `--resume`
 continues an interrupted run in the same --out.
 
@@ -172,6 +173,10 @@ def run_train(config: TrainConfig) -> dict:
         raise FileExistsError(f"{out} already exists; pass --resume to continue that run, or choose another --out")
     if config.resume and not (out / "ray" / RUN_NAME).exists():
         raise ConfigError(f"train: --resume given but {out} holds no run to continue")
+    if (out / "ray" / RUN_NAME).exists():
+        from pipeline.checkpoint import check_run_checkpoints
+
+        check_run_checkpoints(out / "ray" / RUN_NAME)  # a tampered checkpoint stops here, before any worker
     load_deepspeed_config(config.deepspeed)
     expert_config = _validate_model(config)
     from pipeline.data import cached_tokenizer
@@ -304,6 +309,7 @@ def _build_engine(config: TrainConfig):
     import torch
 
     from esft.model import load_model
+    from pipeline.checkpoint import use_safe_loading
     from pipeline.deepspeed_config import finalize, zero_stage
 
     bf16 = config.use_gpu and config.dtype in ("auto", "bfloat16")
@@ -322,6 +328,7 @@ def _build_engine(config: TrainConfig):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config)
+    use_safe_loading(engine)  # checkpoints are data: never unpickle code from the run directory
     return engine, trainable
 
 

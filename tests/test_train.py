@@ -104,6 +104,69 @@ def test_resume_continues_to_the_same_result(assets, uninterrupted, tmp_path):
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
+class RunsCode:
+    """Unpickling this creates `marker`: what a tampered checkpoint could do in every worker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_files_are_read_as_data_only(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from pipeline.checkpoint import CheckpointError, load_checkpoint_file
+
+    state = {"optimizer": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2),
+                           "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]},
+             "module": {"w": torch.ones(2, 2)}, "step": 3, "history": [{"loss": 1.5}]}
+    torch.save(state, tmp_path / "good.pt")
+    loaded = load_checkpoint_file(tmp_path / "good.pt")
+    assert loaded["step"] == 3 and torch.equal(loaded["module"]["w"], torch.ones(2, 2))
+
+    marker = tmp_path / "code-ran"
+    import pickle
+
+    torch.save({"module": RunsCode(marker)}, tmp_path / "zip.pt")
+    torch.save({"module": RunsCode(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps({"module": RunsCode(marker)}))
+    for name in ("zip.pt", "legacy.pt", "raw.pt"):
+        with pytest.raises(CheckpointError, match="refusing to load a checkpoint file that holds more than tensors"):
+            load_checkpoint_file(tmp_path / name)
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint file, truncated or corrupt"):
+        load_checkpoint_file(tmp_path / "cut.pt")
+    assert not marker.exists()
+
+
+def test_a_tampered_checkpoint_cannot_run_code_on_resume(assets, tmp_path, monkeypatch):
+    from pipeline.checkpoint import CheckpointError
+
+    out = tmp_path / "tampered"
+    small = dict(workers=1, steps=2, save_every=2, eval_every=2, max_failures=0)
+    run_train(config(assets, out, **small))
+    files = sorted((out / "ray").glob("**/checkpoint_*/**/*.pt"))
+    assert files, "the run wrote no DeepSpeed checkpoint files"
+    marker = tmp_path / "code-ran"
+    for path in files:  # same names, but pickles that would run code when loaded
+        torch.save({"module": RunsCode(marker)}, path)
+
+    # --resume checks the run's checkpoints before any worker starts ...
+    with pytest.raises(CheckpointError, match="refusing to load a checkpoint file .* tampered with"):
+        run_train(config(assets, out, resume=True, **{**small, "steps": 4}))
+    # ... and a worker (which also restores after a failure) reads them as data only
+    from ray.train import TrainingFailedError
+
+    monkeypatch.setattr("pipeline.checkpoint.check_run_checkpoints", lambda run_dir: 0)
+    with pytest.raises(TrainingFailedError, match="refusing to load a checkpoint file"):
+        run_train(config(assets, out, resume=True, **{**small, "steps": 4}))
+    assert not marker.exists(), "a checkpoint ran code"
+
+
 @pytest.mark.parametrize("method, export", [("fft", "model"), ("lora", "lora")])
 def test_baselines_run_through_the_same_path(assets, tmp_path, method, export):
     metrics = run_train(config(assets, tmp_path / method, method=method, workers=1, steps=2, save_every=2, eval_every=2))
