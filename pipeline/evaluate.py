@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esft.generation import cut_at_stop, generate_batch  # noqa: F401  (re-exported)
+from esft.generation import generate_batch
 from esft.io import atomic_write_text
 from esft.metrics import METRICS, score
 from pipeline.config import ConfigError

@@ -251,7 +251,7 @@ def answer_prompts(loaded: LoadedESFT, prompts: list[str], max_new_tokens: int =
                    batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
     """Greedy answers to user messages (reference prompt template), generated in batches."""
     from esft.data import PROMPT_ASSISTANT, PROMPT_USER
-    from pipeline.evaluate import generate_batch
+    from esft.generation import generate_batch
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("predict: max_new_tokens and batch_size must be positive integers")

@@ -9,14 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from esft import synthetic
 from esft.adapter import load_adapter, save_adapter
 from esft.data import DataError
 from esft.families import moe_layers
+from esft.generation import cut_at_stop
 from esft.select import ExpertConfig
 from esft.trainable import apply_expert_config
 from pipeline.config import ConfigError
-from pipeline.evaluate import EvalConfig, cut_at_stop, read_eval_rows, run_eval
-from esft import synthetic
+from pipeline.evaluate import EvalConfig, read_eval_rows, run_eval
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("local_ray")
