@@ -27,6 +27,7 @@ result is a standard Hugging Face directory: it loads with `AutoModelForCausalLM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -500,15 +501,27 @@ def _hardware() -> str:
         return f"{platform.machine()}, {platform.system()}"
 
 
+@contextlib.contextmanager
+def _pinned_torch(threads: int):
+    """Deterministic kernels and a fixed thread count for the build (the bits depend on both),
+    restored afterwards so a caller's process (a test session, a notebook) is left as it was."""
+    previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
+
+
 def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablation: list[dict] | None = None) -> dict:
     """Build mini-moe into `out` (written atomically); returns the report also saved beside it.
     `ablation` (rows of earlier, shorter runs' reports) only adds a table to the model card."""
     recipe.validate()
-    started = time.perf_counter()
-    torch.set_num_threads(recipe.threads)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(recipe.seed)
-    with atomic_directory(out, overwrite=overwrite) as target:
+    with _pinned_torch(recipe.threads), atomic_directory(out, overwrite=overwrite) as target:
+        started = time.perf_counter()
+        torch.manual_seed(recipe.seed)
         documents = pretraining_corpus(recipe)
         tokenizer = tiny_tokenizer(tokenizer_texts(documents, recipe), vocab_size=recipe.vocab_size)
         blocks, mix = token_blocks(documents, tokenizer, recipe)

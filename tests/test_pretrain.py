@@ -70,7 +70,11 @@ TINY_RECIPE = replace(PRESETS["mini-moe-v2"], steps=3, batch_rows=2, seq_len=64,
 
 
 def test_a_tiny_recipe_run_is_deterministic_and_writes_a_standard_model_directory(tmp_path):
-    first = pretrain(TINY_RECIPE, tmp_path / "a")
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    first = pretrain(replace(TINY_RECIPE, threads=threads + 1), tmp_path / "a")
+    # the build pins threads and deterministic kernels for itself only
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+    first = pretrain(TINY_RECIPE, tmp_path / "a", overwrite=True)
     pretrain(TINY_RECIPE, tmp_path / "b")
     weights_a, weights_b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
