@@ -312,15 +312,19 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
     return history
 
 
+def domain_batches(tokenizer: PreTrainedTokenizerBase, domain: str, seed: int, rows: int, split: str) -> list[dict[str, torch.Tensor]]:
+    """`rows` rows of a domain in the instruction template, packed into 256-token rows, 16 per batch."""
+    conversations = [parse_record(r, domain) for r in synthetic.rows(domain, rows, seed=seed, split=split)]
+    packed = pack_samples(tokenize_conversations(conversations, tokenizer), 256, pad_id=tokenizer.pad_token_id,
+                          bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)
+    return [collate_rows(packed[i : i + 16]) for i in range(0, len(packed), 16)]
+
+
 def domain_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, domain: str, seed: int, rows: int) -> ExpertScores:
     """Routing statistics of `domain`'s training rows in the instruction template (the rows ESFT
     would profile), every non-padding token counted."""
-    conversations = [parse_record(r, domain) for r in synthetic.rows(domain, rows, seed=seed)]
-    packed = pack_samples(tokenize_conversations(conversations, tokenizer), 256, pad_id=tokenizer.pad_token_id,
-                          bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)
     scores = empty_scores_for(model, {"data": f"synthetic:{domain}", "seed": seed})
-    for i in range(0, len(packed), 16):
-        batch = collate_rows(packed[i : i + 16])
+    for batch in domain_batches(tokenizer, domain, seed, rows, "train"):
         profile_batch(model, batch["input_ids"], batch["attention_mask"], into=scores)
     return scores
 
@@ -328,13 +332,7 @@ def domain_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, do
 def answer_losses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, rows: int) -> dict[str, float]:
     """Answer-token loss (nats) on every domain's eval split: low on what pretraining aligned, higher
     on the held-out tasks (what fine-tuning must teach)."""
-    losses = {}
-    for domain in DOMAINS:
-        conversations = [parse_record(r, domain) for r in synthetic.rows(domain, rows, seed=seed, split="eval")]
-        packed = pack_samples(tokenize_conversations(conversations, tokenizer), 256, pad_id=tokenizer.pad_token_id,
-                              bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)
-        losses[domain] = round(mean_loss(model, [collate_rows(packed[i : i + 16]) for i in range(0, len(packed), 16)]), 4)
-    return losses
+    return {domain: round(mean_loss(model, domain_batches(tokenizer, domain, seed, rows, "eval")), 4) for domain in DOMAINS}
 
 
 def task_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, rows: int) -> dict[str, float]:
