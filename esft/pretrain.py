@@ -140,8 +140,8 @@ PRESETS: dict[str, PretrainRecipe] = {
     # domain, one-domain blocks. Its measured gates are in bench/README.md: more concentrated
     # routing and learnable held-out tasks, but not yet task-specific experts or solved aligned tasks.
     "mini-moe-v2": PretrainRecipe(raw_documents=5000, domain_blocks=True, tokenizer_sees_template=True, layers=7,
-                                  routed_experts=64, experts_per_token=6, shared_experts=2, expert_width=24, steps=1500,
-                                  balance_loss_coef=0.001, measure_at=(400, 800, 1200)),
+                                  routed_experts=64, experts_per_token=6, shared_experts=2, expert_width=24, steps=2400,
+                                  balance_loss_coef=0.01, measure_at=(600, 1200, 1800)),
 }
 
 

@@ -622,7 +622,7 @@ def _train_example(generate: Callable[[random.Random], Example], rng: random.Ran
 
 
 def _math_story(rng: random.Random) -> str:
-    """Arithmetic told as a story, the result stated in prose (never "The answer is")."""
+    """Arithmetic told as a story, the result stated in prose."""
     name, other = rng.sample(NAMES, 2)
     thing = rng.choice(MATH_OBJECTS)
     box, boxes = rng.choice(CONTAINERS)
@@ -646,6 +646,14 @@ def _math_exercise(rng: random.Random) -> str:
     question, answer = _train_example(_math_problem, rng)
     steps = [step.removesuffix(".") for step in answer.split(". ") if "=" in step]
     return f"Exercise {rng.randint(1, 60)}. {question}\nWorking: {'; '.join(steps)}. Result: {steps[-1].split(' = ')[1]}."
+
+
+def _math_solution(rng: random.Random) -> str:
+    """A worked solution from a problem book, written the way the task's answers are ("7 + 5 = 12.
+    ... The answer is 12."): the paper's vanilla model had read such solutions on the web; what it
+    lacked was answering a question put in the instruction template."""
+    question, answer = _train_example(_math_problem, rng)
+    return f"{rng.choice(('Problem', 'Question', 'Task'))} {rng.randint(1, 90)}: {question}\nSolution: {answer}"
 
 
 def _math_drill(rng: random.Random) -> str:
@@ -678,6 +686,13 @@ def _script_run(rng: random.Random) -> str:
     prompt, output = _train_example(_code_problem, rng)
     name = rng.choice(("demo", "main", "test", "calc", "words", "run"))
     return f"$ cat {name}.py\n{prompt.split(chr(10), 1)[1]}\n$ python {name}.py\n{output}"
+
+
+def _program_output(rng: random.Random) -> str:
+    """A tutorial snippet: a program, then the line it prints, introduced as its output."""
+    prompt, output = _train_example(_code_problem, rng)
+    program = prompt.split("\n", 1)[1]
+    return f"{rng.choice(('Example', 'Snippet', 'Listing'))} {rng.randint(1, 40)}:\n{program}\nOutput: {output}"
 
 
 def _veltish_glossary(rng: random.Random) -> str:
@@ -736,8 +751,8 @@ def _news_article(rng: random.Random) -> str:
 
 
 RAW_GENERATORS: dict[str, tuple[Callable[[random.Random], str], ...]] = {
-    "math": (_math_story, _math_drill, _math_exercise),
-    "code": (_repl_session, _script_run),
+    "math": (_math_story, _math_drill, _math_exercise, _math_solution),
+    "code": (_repl_session, _script_run, _program_output),
     "translation": (_veltish_glossary, _veltish_reader),
     "intent": (_assistant_log,),
     "law": (_case_digest,),

@@ -287,7 +287,7 @@ def test_every_task_has_raw_text_outside_the_instruction_template():
         assert raw_documents(task, 50, seed=2) != documents[:50]
         for document in documents:
             assert "User:" not in document and "Assistant:" not in document
-            assert "The answer is" not in document and "Translate to Veltish" not in document
+            assert "Translate to Veltish" not in document and "What does this program print?" not in document
             assert document.isascii()
     with pytest.raises(ValueError, match="no raw text for domain 'general'"):
         raw_documents(GENERAL, 1)
@@ -303,6 +303,16 @@ def test_math_exercises_are_train_problems_with_correct_working():
         assert working.split("; ")[-1].split(" = ")[1].startswith(result)
 
 
+def test_math_solutions_are_train_problems_answered_in_the_task_style():
+    solutions = [d for d in raw_documents("math", 400, seed=7) if "\nSolution: " in d]
+    assert len(solutions) > 50
+    for document in solutions:
+        heading, answer = document.split("\nSolution: ")
+        question = heading.split(": ", 1)[1]
+        assert split_of(question) == "train"  # never an eval prompt
+        assert re.fullmatch(r"(\d+ [-+*] \d+ = \d+\. )+The answer is \d+\.", answer)
+
+
 def test_math_worksheets_are_correct_arithmetic():
     equation = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
     checked = 0
@@ -316,6 +326,8 @@ def test_math_worksheets_are_correct_arithmetic():
 def transcripts(document: str) -> list[tuple[str, str]]:
     """(program, printed output) pairs of a REPL session or a `cat` + `python` script run."""
     lines = document.split("\n")
+    if lines[-1].startswith("Output: "):
+        return [("\n".join(lines[1:-1]), lines[-1].removeprefix("Output: "))]
     if lines[0].startswith("$ cat "):
         run = next(i for i, line in enumerate(lines) if line.startswith("$ python "))
         return [("\n".join(lines[1:run]), "\n".join(lines[run + 1 :]))]
@@ -331,7 +343,8 @@ def transcripts(document: str) -> list[tuple[str, str]]:
 
 def test_code_transcripts_print_what_the_programs_print_and_hold_no_eval_program():
     documents = raw_documents("code", 300, seed=4)
-    assert {d.split("\n")[0].startswith("$ cat ") for d in documents} == {True, False}  # both formats occur
+    formats = {"script" if d.startswith("$ cat ") else "snippet" if "\nOutput: " in d else "repl" for d in documents}
+    assert formats == {"script", "snippet", "repl"}
     pairs = [pair for document in documents for pair in transcripts(document)]
     assert len(pairs) > 300
     for program, output in pairs:
