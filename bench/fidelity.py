@@ -1,17 +1,19 @@
-"""The paper's central comparison in miniature, on the project's pretrained mini-moe:
+"""The paper's findings on the embedded model, by the protocol pre-registered in bench/README.md
+("The fidelity protocol"): vanilla, FFT, LoRA, ESFT-Token, ESFT-Gate and three controls (Gate at
+matched expert count, random experts, least relevant experts), each method's learning rate chosen
+on validation from its own grid, 3 data seeds, 500 eval rows per task, forgetting measured on the
+domains the vanilla model already solves, 95% paired-bootstrap confidence intervals.
 
-    python bench/fidelity.py [--tasks math code translation] [--steps 200] [--out runs/fidelity]
+    python bench/fidelity.py --out runs/fidelity               # the whole protocol (hours on 2 CPU cores; resumable)
+    python bench/fidelity.py --out runs/fidelity --tasks math --seeds 0     # a subset
+    python bench/fidelity.py --check                            # one cell again vs bench/results/fidelity.json
 
-For each downstream task (held out of mini-moe's pretraining) it profiles routing on the task's
-training data (Ray Data), selects experts (ESFT-Token p = 0.2, ESFT-Gate p = 0.1, and the paper's
-control: random experts, the same number per layer as ESFT-Token), then trains FFT, LoRA (rank 8)
-and the three ESFT variants with the same budget (steps, batch, sequence length, data order)
-through the project's trainer (Ray Train + DeepSpeed), and evaluates every model, the untrained
-"vanilla" one included, on the task's eval split (task metric, greedy generation on Ray Data)
-and on the general-domain eval split (loss; forgetting = loss after training - loss before).
-
-Writes `fidelity.md` (the paper's Tables 1-2 in miniature) and `fidelity.json` into --out, logs
-both to MLflow (SQLite in --out), and prints one JSON object last (ARCHITECTURE §7).
+Every training run goes through the project's trainer (`esft train`: Ray Train + DeepSpeed, one
+worker, fp32, ZeRO-0); evaluation runs in this process (greedy generation, the same decoding as
+`esft eval`) so that every eval row's score is kept for the paired bootstrap. Each cell (task, seed,
+method, learning rate, draw) writes `result.json` under --out and is skipped when rerun, so an
+interrupted run continues where it stopped. Writes `fidelity.json` (`ratios`, `raw`, `config`),
+`fidelity.md` and `tradeoff.png` into --out, and prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -27,214 +29,407 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from esft import synthetic  # noqa: E402
-from esft.pretrain import ASSET_DIR  # noqa: E402
-from esft.report import experts_to_reach  # noqa: E402
+from esft.data import PROMPT_ASSISTANT, PROMPT_USER  # noqa: E402
+from esft.io import atomic_write_text  # noqa: E402
+from esft.metrics import CORPUS, PER_SAMPLE, clean_prediction  # noqa: E402
+from esft.pretrain import ASSET_DIR, MAX_NEW_TOKENS, domain_batches  # noqa: E402
+from esft.report import selection_jaccard  # noqa: E402
 from esft.scores import SCORES_FILENAME, ExpertScores  # noqa: E402
 from esft.select import ExpertConfig, load_layer_scores, select_experts  # noqa: E402
-from pipeline.evaluate import EvalConfig, run_eval  # noqa: E402
-from pipeline.profile import ProfileConfig, run_profile  # noqa: E402
-from pipeline.train import EXPORT_DIR, TrainConfig, run_train  # noqa: E402
+from esft.training import mean_loss  # noqa: E402
 
 log = logging.getLogger("esft")
-METHODS = ("vanilla", "fft", "lora", "esft_token", "esft_gate", "esft_random")
-TRAINED = METHODS[1:]
-# One learning rate for FFT and ESFT (same budget, same step size) and a larger one for LoRA, whose
-# low-rank updates need it (the paper's LoRA/FFT ratio is 10/3). The paper's absolute values (1e-5
-# etc.) are for 16B models trained for 500 steps; mini-moe needs about 100x more to move in 200 steps.
-LEARNING_RATE = {"fft": 1e-3, "lora": 3e-3, "esft_token": 1e-3, "esft_gate": 1e-3, "esft_random": 1e-3}
+RESULTS = Path(__file__).resolve().parent / "results"
+ALIGNED = synthetic.PRETRAIN_TASKS  # what the vanilla model already solves: forgetting is measured there
+# The pre-registered grids (bench/README.md). The controls use ESFT-Token's chosen rate.
+GRID = {"fft": (3e-5, 1e-4, 3e-4), "lora": (3e-4, 1e-3, 3e-3), "esft_token": (1e-3, 3e-3, 1e-2), "esft_gate": (1e-3, 3e-3, 1e-2)}
+CONTROLS = ("esft_gate_matched", "esft_random", "esft_least")
+RANDOM_DRAWS = 3
+SIZES = {"train": 2000, "valid": 200, "eval": 500, "aligned_eval": 200, "general_eval": 500}
+BUDGET = {"steps": 200, "batch_size": 4, "seq_len": 256, "profile_tokens": 32768}
+BOOTSTRAP = 10_000
 
 
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    seed: int
+    method: str  # vanilla, fft, lora, esft_token, esft_gate, or a control
+    lr: float | None = None
+    draw: int = 0  # random experts: which draw
+
+    @property
+    def name(self) -> str:
+        lr = "" if self.lr is None else f"/lr{self.lr:g}"
+        draw = f"-d{self.draw}" if self.method == "esft_random" else ""
+        return f"{self.task}/s{self.seed}/{self.method}{draw}{lr}"
 
 
-def random_like(config: ExpertConfig, num_experts: int, seed: int) -> ExpertConfig:
-    """The paper's control: per layer, as many experts as `config` selects, drawn at random."""
-    rng = random.Random(seed)
-    return ExpertConfig({layer: sorted(rng.sample(range(num_experts), len(ids))) for layer, ids in config.experts.items()})
+# ------------------------------------------------------------------------------ data and selections
 
 
-def selections(profile_dir: Path, seed: int) -> dict[str, ExpertConfig]:
-    token = select_experts(load_layer_scores(profile_dir, "token"), top_p=0.2)
-    gate = select_experts(load_layer_scores(profile_dir, "gate"), top_p=0.1)
-    num_experts = ExpertScores.load(profile_dir / SCORES_FILENAME).num_experts
-    return {"esft_token": token, "esft_gate": gate, "esft_random": random_like(token, num_experts, seed)}
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
 
 
-def merge_for_eval(method: str, trained: Path, target: Path) -> Path:
-    """FFT exports a whole model; LoRA is folded into the base; both become plain model dirs."""
-    if method == "fft":
-        return trained / EXPORT_DIR["fft"]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def task_data(out: Path, task: str, seed: int) -> dict[str, Path]:
+    """Training rows of the seed; validation: the next training-split rows of the same stream whose
+    prompts are not among them; the eval rows are the same for every seed."""
+    root = out / "data" / task / f"s{seed}"
+    if not (root / "valid.jsonl").exists():
+        stream = synthetic.rows(task, SIZES["train"] + 4 * SIZES["valid"], seed=seed)
+        train = stream[: SIZES["train"]]
+        seen = {r["messages"][0]["content"] for r in train}
+        valid = [r for r in stream[SIZES["train"]:] if r["messages"][0]["content"] not in seen][: SIZES["valid"]]
+        write_rows(root / "train.jsonl", train)
+        write_rows(root / "valid.jsonl", valid)
+    return {"train": root / "train.jsonl", "valid": root / "valid.jsonl"}
 
-    from esft.lora import merge_lora
 
-    merged = merge_lora(AutoModelForCausalLM.from_pretrained(ASSET_DIR), str(trained / EXPORT_DIR["lora"]))
-    merged.save_pretrained(target)
-    AutoTokenizer.from_pretrained(ASSET_DIR).save_pretrained(target)
+def profile_dir(out: Path, task: str, seed: int, tokens: int = BUDGET["profile_tokens"], replicas: int = 1) -> Path:
+    from pipeline.profile import ProfileConfig, run_profile
+
+    target = out / "profiles" / task / f"s{seed}-t{tokens}-r{replicas}"
+    if not (target / SCORES_FILENAME).exists():
+        run_profile(ProfileConfig(model=str(ASSET_DIR), data=[str(task_data(out, task, seed)["train"])], out=str(target),
+                                  n_sample_tokens=tokens, seq_len=BUDGET["seq_len"], batch_size=8, replicas=replicas,
+                                  seed=seed, overwrite=True))
     return target
 
 
-def evaluate(task: str, data: dict, out: Path, *, adapter: Path | None = None, merged: Path | None = None, args) -> dict:
-    config = EvalConfig(model=str(ASSET_DIR), data=str(data[task]["eval"]), out=str(out / "eval.json"),
-                        adapter=str(adapter) if adapter else None, merged=str(merged) if merged else None,
-                        metric=[synthetic.METRIC[task]], max_new_tokens=args.max_new_tokens, batch_size=50,
-                        general_data=str(data["general"]["eval"]), seq_len=256)
-    metrics = run_eval(config)
-    value = metrics[synthetic.METRIC[task]]
-    return {"task_metric": value / 100 if synthetic.METRIC[task] in ("chrf", "bleu") else value,
-            "general_loss": metrics["general_loss"]}
+def expert_selection(out: Path, cell: Cell) -> ExpertConfig:
+    scores_dir = profile_dir(out, cell.task, cell.seed)
+    token = select_experts(load_layer_scores(scores_dir, "token"), top_p=0.2)
+    counts = {layer: len(ids) for layer, ids in token.experts.items()}
+    if cell.method == "esft_token":
+        return token
+    if cell.method == "esft_gate":
+        return select_experts(load_layer_scores(scores_dir, "gate"), top_p=0.1)
+    num_experts = ExpertScores.load(scores_dir / SCORES_FILENAME).num_experts
+    if cell.method == "esft_random":  # from the experts ESFT-Token did not select, a stream per (task, seed, draw)
+        rng = random.Random(f"random-experts:{cell.task}:{cell.seed}:{cell.draw}")
+        return ExpertConfig({layer: sorted(rng.sample(sorted(set(range(num_experts)) - set(token.experts[layer])), n))
+                             for layer, n in counts.items()})
+    function = "gate" if cell.method == "esft_gate_matched" else "token"
+    layer_scores = load_layer_scores(scores_dir, function)
+    ranked = {layer: sorted(range(num_experts), key=lambda e: (-float(layer_scores[layer][str(e)]), e)) for layer in counts}
+    if cell.method == "esft_gate_matched":
+        return ExpertConfig({layer: sorted(ranked[layer][:n]) for layer, n in counts.items()})
+    if cell.method == "esft_least":
+        return ExpertConfig({layer: sorted(ranked[layer][-n:]) for layer, n in counts.items()})
+    raise ValueError(f"no expert selection for method {cell.method!r}")
 
 
-def train(task: str, method: str, data: dict, out: Path, expert_config: ExpertConfig | None, args) -> dict:
-    cfg_file = None
-    if expert_config is not None:
-        cfg_file = expert_config.save(out / "expert_cfg.json")
-    config = TrainConfig(model=str(ASSET_DIR), data=str(data[task]["train"]), out=str(out / "train"),
-                         expert_config=str(cfg_file) if cfg_file else None, method="esft" if expert_config else method,
-                         workers=1, deepspeed="zero0", steps=args.steps, batch_size=args.batch_size, seq_len=256,
-                         lr=LEARNING_RATE[method], eval_every=args.steps, save_every=args.steps, eval_rows=8, seed=args.seed)
-    metrics = run_train(config)
-    export = out / "train" / EXPORT_DIR[config.method]
-    return {"trainable_parameters": metrics["trainable_parameters"], "train_seconds": metrics["wall_seconds"],
-            "tokens_per_second": metrics["tokens_per_second"], "checkpoint_bytes": directory_bytes(export),
-            "selected_experts": expert_config.num_selected if expert_config else None}
+# ------------------------------------------------------------------------------ training and evaluation
 
 
-def run_task(task: str, data: dict, root: Path, args) -> dict:
-    profile_dir = root / task / "profile"
-    run_profile(ProfileConfig(model=str(ASSET_DIR), data=[str(data[task]["train"])], out=str(profile_dir), n_sample_tokens=32768,
-                              seq_len=256, batch_size=8, seed=args.seed, overwrite=True))
-    scores = ExpertScores.load(profile_dir / SCORES_FILENAME)
-    chosen = selections(profile_dir, args.seed)
-    results = {"vanilla": evaluate(task, data, root / task / "vanilla", args=args),
-               "experts_at_token_p02": experts_to_reach(scores.scores("token"), 0.2), "num_experts": scores.num_experts}
-    for method in TRAINED:
-        work = root / task / method
-        log.info("=== %s / %s", task, method)
-        trained = train(task, method, data, work, chosen.get(method), args)
-        if method.startswith("esft"):
-            evaluated = evaluate(task, data, work, adapter=work / "train" / EXPORT_DIR["esft"], args=args)
-        else:
-            evaluated = evaluate(task, data, work, merged=merge_for_eval(method, work / "train", work / "merged"), args=args)
-        results[method] = {**trained, **evaluated,
-                           "forgetting": evaluated["general_loss"] - results["vanilla"]["general_loss"]}
-        shutil.rmtree(work / "train" / "ray", ignore_errors=True)  # checkpoints: not needed once exported
-    return results
+def train(out: Path, cell: Cell, work: Path) -> tuple[dict, Path]:
+    """One fine-tune through the project's trainer; returns its metrics and the exported weights."""
+    from pipeline.train import EXPORT_DIR, TrainConfig, run_train
+
+    method = "esft" if cell.method.startswith("esft") else cell.method
+    expert_config = None
+    if method == "esft":
+        expert_config = expert_selection(out, cell).save(work / "expert_cfg.json")
+    data = task_data(out, cell.task, cell.seed)
+    shutil.rmtree(work / "train", ignore_errors=True)  # an interrupted attempt starts over
+    metrics = run_train(TrainConfig(
+        model=str(ASSET_DIR), data=str(data["train"]), eval_data=str(data["valid"]), out=str(work / "train"),
+        expert_config=str(expert_config) if expert_config else None, method=method, workers=1, deepspeed="zero0",
+        steps=BUDGET["steps"], batch_size=BUDGET["batch_size"], seq_len=BUDGET["seq_len"], lr=cell.lr,
+        eval_every=BUDGET["steps"], save_every=BUDGET["steps"], eval_rows=SIZES["valid"], seed=cell.seed))
+    return metrics, work / "train" / EXPORT_DIR[method]
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def load_trained(method: str, export: Path | None):
+    from transformers import AutoModelForCausalLM
+
+    if method == "fft":
+        return AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(ASSET_DIR, dtype=torch.float32)
+    if method == "lora":
+        from esft.lora import merge_lora
+
+        return merge_lora(model, str(export))
+    if method.startswith("esft"):
+        from esft.adapter import load_adapter
+
+        load_adapter(model, export)
+    return model
 
 
-def ratios(results: dict, tasks: list[str]) -> dict:
-    metric = {m: mean(results[t][m]["task_metric"] for t in tasks) for m in METHODS}
-    forgetting = {m: mean(results[t][m]["forgetting"] for t in tasks) for m in TRAINED}
-    share = mean(n / results[t]["num_experts"] for t in tasks for n in results[t]["experts_at_token_p02"])
+def row_scores(task: str, predictions: list[str], answers: list[str]) -> list[float]:
+    """The task metric of each eval row, in [0, 1] (chrF: sentence-level, scaled)."""
+    metric = synthetic.METRIC[task]
+    cleaned = [clean_prediction(p) for p in predictions]
+    if metric in PER_SAMPLE:
+        return [float(PER_SAMPLE[metric](p, [a])) for p, a in zip(cleaned, answers)]
+    return [float(CORPUS[metric]([p], [[a]])) / 100 for p, a in zip(cleaned, answers)]
+
+
+def answer_rows(model, tokenizer, task: str, n: int) -> list[float]:
+    rows = synthetic.rows(task, n, seed=0, split="eval")
+    prompts = [PROMPT_USER.format(input=r["messages"][0]["content"].strip()) + PROMPT_ASSISTANT for r in rows]
+    from esft.generation import generate_batch
+
+    predictions = [p for i in range(0, len(prompts), 50)
+                   for p in generate_batch(model, tokenizer, prompts[i : i + 50], MAX_NEW_TOKENS[task], ["\n\n", "User:"])]
+    return row_scores(task, predictions, [r["messages"][1]["content"] for r in rows])
+
+
+def evaluate(model, tokenizer, task: str) -> dict:
+    """Per-row task metric on the task's eval rows, the aligned domains' metrics and the general loss."""
+    model.eval()
+    return {"task_rows": answer_rows(model, tokenizer, task, SIZES["eval"]),
+            "aligned_rows": {d: answer_rows(model, tokenizer, d, SIZES["aligned_eval"]) for d in ALIGNED},
+            "general_loss": mean_loss(model, domain_batches(tokenizer, synthetic.GENERAL, 0, SIZES["general_eval"], "eval"))}
+
+
+def run_cell(out: Path, cell: Cell) -> dict:
+    work = out / "cells" / cell.name
+    result_file = work / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    from transformers import AutoTokenizer
+
+    log.info("=== %s", cell.name)
+    started = time.perf_counter()
+    trained, export = ({}, None) if cell.method == "vanilla" else train(out, cell, work)
+    evaluated = evaluate(load_trained(cell.method, export), AutoTokenizer.from_pretrained(ASSET_DIR), cell.task)
+    result = {"cell": cell.name, "task": cell.task, "seed": cell.seed, "method": cell.method, "lr": cell.lr, "draw": cell.draw,
+              "valid_loss": trained.get("final_valid_loss"), "trainable_parameters": trained.get("trainable_parameters"),
+              "train_seconds": trained.get("wall_seconds"), "seconds": round(time.perf_counter() - started, 1),
+              "task_metric": float(np.mean(evaluated["task_rows"])),
+              "aligned_metric": float(np.mean([np.mean(v) for v in evaluated["aligned_rows"].values()])), **evaluated}
+    shutil.rmtree(work / "train", ignore_errors=True)  # checkpoints and exports: the scores are what is kept
+    atomic_write_text(result_file, json.dumps(result))
+    return result
+
+
+# ------------------------------------------------------------------------------ the protocol
+
+
+def chosen_rates(out: Path, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Per task and method, the grid's rate with the lowest validation answer loss on seed 0."""
+    chosen: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        chosen[task] = {}
+        for method, grid in GRID.items():
+            losses = {lr: run_cell(out, Cell(task, 0, method, lr))["valid_loss"] for lr in grid}
+            chosen[task][method] = min(grid, key=lambda lr: (losses[lr], lr))
+    return chosen
+
+
+def seed_cells(task: str, seed: int, rates: dict[str, float]) -> list[Cell]:
+    token_lr = rates["esft_token"]
+    return [Cell(task, seed, "vanilla"), *(Cell(task, seed, m, rates[m]) for m in GRID),
+            Cell(task, seed, "esft_gate_matched", token_lr), Cell(task, seed, "esft_least", token_lr),
+            *(Cell(task, seed, "esft_random", token_lr, draw) for draw in range(RANDOM_DRAWS))]
+
+
+def bootstrap_diff(a: dict[tuple, list[float]], b: dict[tuple, list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over strata (task, seed) of paired rows, and its 95% paired-bootstrap interval
+    (rows resampled within each stratum, strata averaged)."""
+    rng = np.random.default_rng(seed)
+    means, samples = [], []
+    for key in sorted(a):
+        diff = np.asarray(a[key]) - np.asarray(b[key])
+        means.append(diff.mean())
+        samples.append(diff[rng.integers(0, len(diff), (BOOTSTRAP, len(diff)))].mean(axis=1))
+    resampled = np.mean(samples, axis=0)
+    return float(np.mean(means)), float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))
+
+
+def per_method_rows(results: list[dict], method: str, field: str = "task_rows") -> dict[tuple, list[float]]:
+    """Per (task, seed), the method's per-row scores (random experts: the mean over draws)."""
+    rows: dict[tuple, list[np.ndarray]] = {}
+    for r in results:
+        if r["method"] == method:
+            values = r[field] if field == "task_rows" else [np.mean(v) for v in zip(*r["aligned_rows"].values())]
+            rows.setdefault((r["task"], r["seed"]), []).append(np.asarray(values, dtype=float))
+    return {key: list(np.mean(v, axis=0)) for key, v in rows.items()}
+
+
+def forgetting(results: list[dict], method: str) -> float:
+    """Mean drop of the aligned domains' metric from vanilla (same task and seed)."""
+    vanilla = {(r["task"], r["seed"]): r["aligned_metric"] for r in results if r["method"] == "vanilla"}
+    drops = [vanilla[(r["task"], r["seed"])] - r["aligned_metric"] for r in results if r["method"] == method]
+    return float(np.mean(drops))
+
+
+def grid_point(results: list[dict], method: str, lr: float) -> tuple[float, float]:
+    """(forgetting, task metric) of a method at one learning rate on seed 0, means over tasks."""
+    cells = [r for r in results if r["seed"] == 0 and ((r["method"] == method and r["lr"] == lr) or r["method"] == "vanilla")]
+    return forgetting(cells, method), float(np.mean([r["task_metric"] for r in cells if r["method"] == method]))
+
+
+def matched_forgetting(grid_points: dict[str, list[tuple[float, float]]], level: float) -> dict[str, float | None]:
+    """Each method's task metric interpolated at a given forgetting level along its learning-rate
+    curve (None when the level is outside what its grid reached)."""
+    matched = {}
+    for method, points in grid_points.items():
+        xs, ys = zip(*sorted(points))
+        matched[method] = float(np.interp(level, xs, ys)) if xs[0] <= level <= xs[-1] else None
+    return matched
+
+
+def stability(out: Path, tasks: list[str], seeds: list[int]) -> dict:
+    """Jaccard of ESFT-Token's (layer, expert) selections across seeds, token budgets and replicas."""
+    def token_sets(path: Path) -> list[set[int]]:
+        config = select_experts(load_layer_scores(path, "token"), top_p=0.2)
+        return [set(config.experts[layer]) for layer in sorted(config.experts, key=int)]
+
+    result = {}
+    for task in tasks:
+        by_seed = [token_sets(profile_dir(out, task, s)) for s in seeds]
+        by_budget = [token_sets(profile_dir(out, task, 0, tokens)) for tokens in (8192, 32768, 131072)]
+        by_replicas = [token_sets(profile_dir(out, task, 0, replicas=r)) for r in (1, 2)]
+        result[task] = {name: round(float(np.mean([selection_jaccard(a, b) for i, a in enumerate(group) for b in group[i + 1 :]])), 4)
+                        for name, group in (("seeds", by_seed), ("token_budgets", by_budget), ("replicas", by_replicas))
+                        if len(group) > 1}
+    return result
+
+
+def summarise(results: list[dict], rates: dict, tasks: list[str], seeds: list[int], out: Path) -> dict:
+    final = [r for r in results if r["seed"] in seeds and (r["method"] == "vanilla" or r["lr"] == rates[r["task"]].get(
+        r["method"], rates[r["task"]]["esft_token"]))]
+    methods = ["vanilla", *GRID, *CONTROLS]
+    metric = {m: float(np.mean([r["task_metric"] for r in final if r["method"] == m])) for m in methods}
+    forget = {m: forgetting(final, m) for m in methods if m != "vanilla"}
+    general = {m: float(np.mean([r["general_loss"] for r in final if r["method"] == m])) for m in methods}
+    token_rows = per_method_rows(final, "esft_token")
+    intervals = {f"esft_token_minus_{m}": bootstrap_diff(token_rows, per_method_rows(final, m))
+                 for m in ("fft", "lora", "esft_random", "esft_least")}
+    intervals["esft_gate_minus_esft_gate_matched"] = bootstrap_diff(per_method_rows(final, "esft_gate"), per_method_rows(final, "esft_gate_matched"))
+    grid_points = {m: [grid_point(results, m, lr) for lr in GRID[m]] for m in GRID}
+    matched = matched_forgetting(grid_points, forget["esft_token"])
 
     def over(a: float, b: float) -> float:
         return round(a / b, 3) if b else float("nan")
 
-    return {
+    ratios = {
         "task_metric_esft_token_over_fft": over(metric["esft_token"], metric["fft"]),
         "task_metric_esft_gate_over_fft": over(metric["esft_gate"], metric["fft"]),
-        "task_metric_lora_over_fft": over(metric["lora"], metric["fft"]),
-        "task_metric_random_over_esft_token": over(metric["esft_random"], metric["esft_token"]),
-        "forgetting_esft_token_over_fft": over(forgetting["esft_token"], forgetting["fft"]),
-        "forgetting_esft_gate_over_fft": over(forgetting["esft_gate"], forgetting["fft"]),
-        "forgetting_lora_over_fft": over(forgetting["lora"], forgetting["fft"]),
-        "experts_at_token_p02_fraction": round(share, 4),
-        **{f"{k}_esft_token_over_fft": over(mean(results[t]["esft_token"][k] for t in tasks), mean(results[t]["fft"][k] for t in tasks))
-           for k in ("trainable_parameters", "checkpoint_bytes", "train_seconds")},
+        "task_metric_esft_token_over_lora": over(metric["esft_token"], metric["lora"]),
+        "task_metric_esft_gate_over_lora": over(metric["esft_gate"], metric["lora"]),
+        "forgetting_esft_token_over_fft": over(forget["esft_token"], forget["fft"]),
+        "forgetting_esft_gate_over_fft": over(forget["esft_gate"], forget["fft"]),
+        "relevant_minus_random_ci_low": round(intervals["esft_token_minus_esft_random"][1], 4),
+        "relevant_minus_least_ci_low": round(intervals["esft_token_minus_esft_least"][1], 4),
     }
+    save_tradeoff_plot(grid_points, out / "tradeoff.png")
+    return {"ratios": ratios,
+            "raw": {"task_metric": metric, "forgetting_aligned_drop": forget, "general_loss": general, "chosen_lr": rates,
+                    "ci95": {k: [round(v, 4) for v in t] for k, t in intervals.items()}, "tradeoff_seed0": grid_points,
+                    "at_esft_token_forgetting": matched, "stability_jaccard": stability(out, tasks, seeds),
+                    "cells": [{k: v for k, v in r.items() if k not in ("task_rows", "aligned_rows")} for r in results]},
+            "config": {"model": str(ASSET_DIR), "tasks": tasks, "seeds": seeds, "grid": GRID, "sizes": SIZES, "budget": BUDGET,
+                       "random_draws": RANDOM_DRAWS, "bootstrap": BOOTSTRAP}}
 
 
-def table(results: dict, tasks: list[str], args) -> str:
-    metric_names = ", ".join(f"{t}: {synthetic.METRIC[t]}" for t in tasks)
-    lines = ["# ESFT fidelity on mini-moe", "",
-             f"{args.steps} steps x {args.batch_size} rows x 256 tokens per method and task; metrics: {metric_names} "
-             "(chrF scaled to [0, 1]). Forgetting = general-domain eval loss after training minus before (lower is better).", "",
-             "## Task metric (Table 1) and general-domain loss change (Table 2)", "",
-             "| method | " + " | ".join(tasks) + " | mean | forgetting " + " | ".join(tasks) + " | mean forgetting |",
-             "|---" * (2 * len(tasks) + 3) + "|"]
-    for method in METHODS:
-        task_values = [results[t][method]["task_metric"] for t in tasks]
-        if method == "vanilla":
-            forget = ["0"] * len(tasks) + ["0"]
-        else:
-            values = [results[t][method]["forgetting"] for t in tasks]
-            forget = [f"{v:+.4f}" for v in values] + [f"{mean(values):+.4f}"]
-        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in task_values) + f" | {mean(task_values):.3f} | "
-                     + " | ".join(forget) + " |")
-    lines += ["", "## Cost vs FFT (mean over tasks)", "", "| method | trainable parameters | checkpoint bytes | train seconds | selected experts |",
-              "|---|---|---|---|---|"]
-    fft = {k: mean(results[t]["fft"][k] for t in tasks) for k in ("trainable_parameters", "checkpoint_bytes", "train_seconds")}
-    for method in TRAINED:
-        row = {k: mean(results[t][method][k] for t in tasks) for k in fft}
-        experts = [results[t][method]["selected_experts"] for t in tasks]
-        lines.append(f"| {method} | {row['trainable_parameters']:,.0f} ({row['trainable_parameters'] / fft['trainable_parameters']:.3f}) | "
-                     f"{row['checkpoint_bytes']:,.0f} ({row['checkpoint_bytes'] / fft['checkpoint_bytes']:.3f}) | "
-                     f"{row['train_seconds']:.1f} ({row['train_seconds'] / fft['train_seconds']:.2f}) | "
-                     + ("/".join(str(e) for e in experts) if experts[0] is not None else "-") + " |")
-    lines += ["", "## Routing concentration: experts needed per MoE layer to reach token p = 0.2", ""]
-    lines += [f"- {t}: {results[t]['experts_at_token_p02']} of {results[t]['num_experts']}" for t in tasks]
+def save_tradeoff_plot(grid_points: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, points in grid_points.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=method)
+        for (x, y), lr in zip(points, GRID[method]):
+            ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("forgetting: drop of the aligned domains' metric from vanilla")
+    ax.set_ylabel("task metric (mean over tasks)")
+    ax.set_title("Task vs forgetting across each method's learning rates (seed 0)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(summary: dict) -> str:
+    raw = summary["raw"]
+    lines = ["# ESFT fidelity (the pre-registered protocol)", "",
+             "| method | task metric | forgetting (aligned drop) | general loss | learning rate per task |", "|---|---|---|---|---|"]
+    for method, value in raw["task_metric"].items():
+        rates = {t: r.get(method, r["esft_token"]) for t, r in raw["chosen_lr"].items()} if method != "vanilla" else {}
+        lines.append(f"| {method} | {value:.3f} | {raw['forgetting_aligned_drop'].get(method, 0.0):+.3f} | "
+                     f"{raw['general_loss'][method]:.3f} | {', '.join(f'{t} {lr:g}' for t, lr in rates.items()) or '-'} |")
+    lines += ["", "| difference (task metric) | mean | 95% CI |", "|---|---|---|"]
+    lines += [f"| {k} | {v[0]:+.4f} | [{v[1]:+.4f}, {v[2]:+.4f}] |" for k, v in raw["ci95"].items()]
+    lines += ["", "At ESFT-Token's forgetting level (interpolated along each learning-rate curve): "
+              + ", ".join(f"{m} {'-' if v is None else f'{v:.3f}'}" for m, v in raw["at_esft_token_forgetting"].items()),
+              "", "Selection stability (Jaccard of ESFT-Token's selections): "
+              + "; ".join(f"{t}: {v}" for t, v in raw["stability_jaccard"].items()), "",
+              "![trade-off](tradeoff.png)", "", "```json", json.dumps(summary["ratios"]), "```"]
     return "\n".join(lines) + "\n"
 
 
-def log_to_mlflow(out: Path, summary: dict, markdown: Path) -> None:
-    """One run in a SQLite store under --out, through an explicit client (never the global tracking
-    URI, which would leak into later MLflow calls and child processes)."""
-    from mlflow import MlflowClient
+def check(committed: Path) -> dict:
+    """One cell again (math, seed 0: vanilla, FFT and ESFT-Token at the committed rates) in a fresh
+    directory; within_ci: each re-measured task metric lies in the committed run's 95% interval for
+    that cell (bootstrap over its eval rows)."""
+    summary = json.loads(committed.read_text())
+    rates = summary["raw"]["chosen_lr"]["math"]
+    cells = {c["cell"]: c for c in summary["raw"]["cells"]}
+    diffs, inside = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cell in (Cell("math", 0, "vanilla"), Cell("math", 0, "fft", rates["fft"]), Cell("math", 0, "esft_token", rates["esft_token"])):
+            new = run_cell(Path(tmp), cell)
+            old = cells[cell.name]
+            diffs.append(abs(new["task_metric"] - old["task_metric"]))
+            low, high = old["task_metric_ci95"]
+            inside.append(low <= new["task_metric"] <= high)
+    return {"within_ci": all(inside), "max_abs_diff": round(max(diffs), 4)}
 
-    from pipeline.register import get_or_create_experiment
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
-    experiment_id = get_or_create_experiment(client, "esft-fidelity", out.resolve() / "mlartifacts")
-    run_id = client.create_run(experiment_id, run_name="fidelity").info.run_id
-    for key, value in summary["config"].items():
-        client.log_param(run_id, key, str(value)[:6000])
-    for key, value in summary["ratios"].items():
-        if value == value:  # NaN ratios (a method that could not be measured) are left out
-            client.log_metric(run_id, key, float(value))
-    client.log_artifact(run_id, str(markdown))
-    client.log_artifact(run_id, str(out / "fidelity.json"))
-    client.set_terminated(run_id)
+def with_row_intervals(results: list[dict]) -> list[dict]:
+    """Each cell's own 95% interval of its task metric (bootstrap over its eval rows), for --check."""
+    rng = np.random.default_rng(0)
+    for r in results:
+        rows = np.asarray(r["task_rows"])
+        means = rows[rng.integers(0, len(rows), (BOOTSTRAP, len(rows)))].mean(axis=1)
+        r["task_metric_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=list(synthetic.HELD_OUT_TASKS), choices=synthetic.TASKS)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--train-rows", type=int, default=4000)
-    parser.add_argument("--eval-rows", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", nargs="+", default=list(synthetic.HELD_OUT_TASKS), choices=synthetic.HELD_OUT_TASKS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/fidelity")
+    parser.add_argument("--check", action="store_true", help="re-run one cell against bench/results/fidelity.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (ASSET_DIR / "model.safetensors").exists():
-        print(f"mini-moe is missing at {ASSET_DIR}; build it with `esft pretrain`", file=sys.stderr)
+        print(f"the embedded model is missing at {ASSET_DIR}; build it with `esft pretrain`", file=sys.stderr)
         return 2
+    if args.check:
+        print(json.dumps({"check": check(RESULTS / "fidelity.json")}))
+        return 0
     out = Path(args.out).resolve()
     started = time.perf_counter()
-    data = synthetic.write_corpus(out / "data", seed=args.seed, train_rows=args.train_rows, eval_rows=args.eval_rows,
-                                  general_rows=args.eval_rows)
-    results = {task: run_task(task, data, out, args) for task in args.tasks}
-    summary = {"ratios": ratios(results, args.tasks), "raw": results,
-               "config": {"model": str(ASSET_DIR), "tasks": args.tasks, "steps": args.steps, "batch_size": args.batch_size,
-                          "seq_len": 256, "train_rows": args.train_rows, "eval_rows": args.eval_rows, "seed": args.seed,
-                          "learning_rates": LEARNING_RATE, "seconds": round(time.perf_counter() - started)}}
-    (out / "fidelity.json").write_text(json.dumps(summary, indent=1))
-    markdown = out / "fidelity.md"
-    markdown.write_text(table(results, args.tasks, args))
-    log_to_mlflow(out, summary, markdown)
-    print(markdown.read_text())
-    print(json.dumps({k: summary[k] for k in ("ratios", "raw", "config")}))
+    rates = chosen_rates(out, args.tasks)
+    results = with_row_intervals([run_cell(out, cell) for seed in args.seeds for task in args.tasks
+                                  for cell in seed_cells(task, seed, rates[task])]
+                                 + [run_cell(out, Cell(t, 0, m, lr)) for t in args.tasks for m in GRID for lr in GRID[m]])
+    unique = list({r["cell"]: r for r in results}.values())
+    summary = summarise(unique, rates, args.tasks, args.seeds, out)
+    summary["config"]["seconds"] = round(time.perf_counter() - started)
+    atomic_write_text(out / "fidelity.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "fidelity.md", markdown(summary))
+    print(markdown(summary))
+    print(json.dumps({k: summary[k] for k in ("ratios", "config")}))
     return 0
 
 

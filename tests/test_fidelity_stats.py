@@ -1,0 +1,85 @@
+"""The statistics of bench/fidelity.py (the pre-registered protocol), against values computed by hand:
+paired bootstrap intervals, interpolation at matched forgetting, per-row task scores, and the
+control selections (random experts never overlap the relevant ones; least relevant = lowest scores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from esft.scores import SCORES_FILENAME
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_paired_bootstrap_of_a_constant_difference_is_that_difference(fidelity):
+    a = {("math", 0): [1.0, 0.0, 1.0, 1.0], ("code", 0): [0.5, 0.5]}
+    b = {("math", 0): [0.75, -0.25, 0.75, 0.75], ("code", 0): [0.25, 0.25]}
+    mean, low, high = fidelity.bootstrap_diff(a, b)
+    assert mean == pytest.approx(0.25) and low == pytest.approx(0.25) and high == pytest.approx(0.25)
+
+
+def test_paired_bootstrap_interval_matches_the_normal_approximation(fidelity):
+    rng = np.random.default_rng(1)
+    a = {("math", 0): list(rng.integers(0, 2, 500).astype(float))}
+    b = {("math", 0): list(rng.integers(0, 2, 500).astype(float))}
+    mean, low, high = fidelity.bootstrap_diff(a, b)
+    diff = np.asarray(a[("math", 0)]) - np.asarray(b[("math", 0)])
+    half_width = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff))  # the textbook interval, computed independently
+    assert mean == pytest.approx(diff.mean())
+    assert low == pytest.approx(mean - half_width, abs=0.01) and high == pytest.approx(mean + half_width, abs=0.01)
+
+
+def test_matched_forgetting_interpolates_inside_the_curve_only(fidelity):
+    points = {"fft": [(0.4, 0.5), (0.1, 0.2), (0.2, 0.3)], "lora": [(0.3, 0.4), (0.5, 0.6)]}
+    matched = fidelity.matched_forgetting(points, 0.15)
+    assert matched["fft"] == pytest.approx(0.25) and matched["lora"] is None
+
+
+def test_row_scores_per_metric(fidelity):
+    assert fidelity.row_scores("math", ["3 + 4 = 7. The answer is 7.", "The answer is 8."], ["... The answer is 7.", "... The answer is 9."]) == [1.0, 0.0]
+    assert fidelity.row_scores("code", ["16", " 17"], ["16", "16"]) == [1.0, 0.0]
+    perfect, partial = fidelity.row_scores("translation", ["te pesepu nova", "te"], ["te pesepu nova", "te pesepu nova"])
+    assert perfect == pytest.approx(1.0) and 0.0 < partial < 1.0
+
+
+def test_control_selections(fidelity, tmp_path, monkeypatch):
+    # scores for 2 layers x 8 experts, token mass concentrated on experts 0-1 (layer 1) and 6-7 (layer 2)
+    scores_dir = tmp_path / "profile"
+    scores_dir.mkdir()
+    token = {"1": {str(e): [0.4, 0.3, 0.1, 0.08, 0.06, 0.04, 0.01, 0.01][e] for e in range(8)},
+             "2": {str(e): [0.01, 0.01, 0.04, 0.06, 0.08, 0.1, 0.3, 0.4][e] for e in range(8)}}
+    gate = {"1": {str(e): [0.05, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05][e] for e in range(8)}, "2": token["2"]}
+    monkeypatch.setattr(fidelity, "profile_dir", lambda out, task, seed: scores_dir)
+    monkeypatch.setattr(fidelity, "load_layer_scores", lambda path, function: {"token": token, "gate": gate}[function])
+
+    class Scores:
+        num_experts = 8
+
+    monkeypatch.setattr(fidelity.ExpertScores, "load", staticmethod(lambda path: Scores()))
+    (scores_dir / SCORES_FILENAME).write_text(json.dumps({}))
+    select = lambda method, draw=0: fidelity.expert_selection(tmp_path, fidelity.Cell("math", 0, method, 1e-3, draw)).experts  # noqa: E731
+    relevant = select("esft_token")
+    assert relevant == {"1": [0], "2": [7]}  # p = 0.2: the single top expert reaches 0.2 in each layer
+    # the lowest score; ties rank by id, the higher id lower (layer 1: 6 and 7 tie -> 7; layer 2: 0 and 1 tie -> 1)
+    assert select("esft_least") == {"1": [7], "2": [1]}
+    assert select("esft_gate_matched") == {"1": [1], "2": [7]}
+    draws = [select("esft_random", d) for d in range(3)]
+    for draw in draws:
+        assert all(len(draw[layer]) == len(relevant[layer]) and not set(draw[layer]) & set(relevant[layer]) for layer in relevant)
+    assert select("esft_random", 0) == draws[0]  # reproducible
