@@ -93,7 +93,8 @@ class PretrainRecipe:
     # data
     general_rows: int = 60000
     task_rows: int = 20000  # per aligned task, in the instruction template
-    raw_documents: int = 0  # per task domain, raw unaligned text (esft.synthetic.raw_documents)
+    raw_documents: int = 0  # per aligned task domain, raw unaligned text (esft.synthetic.raw_documents)
+    held_out_raw_documents: int = 0  # per held-out task domain: where its skill comes from (more text, more experts of its own)
     domain_blocks: bool = False  # one domain per pretraining block (as a window of a long document) or a mixed stream
     tokenizer_sees_template: bool = False  # train the tokenizer on "User: ... Assistant: ..." (template words as tokens)
     vocab_size: int = 2048
@@ -128,8 +129,8 @@ class PretrainRecipe:
             raise ValueError("pretrain: lr must be > 0, min_lr_ratio in [0, 1] and balance_loss_coef >= 0")
         if self.balance_scope not in BALANCE_SCOPES:
             raise ValueError(f"pretrain: balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance_scope!r}")
-        if self.task_rows < 0 or self.raw_documents < 0:
-            raise ValueError("pretrain: task_rows and raw_documents must be >= 0")
+        if min(self.task_rows, self.raw_documents, self.held_out_raw_documents) < 0:
+            raise ValueError("pretrain: task_rows, raw_documents and held_out_raw_documents must be >= 0")
 
 
 PRESETS: dict[str, PretrainRecipe] = {
@@ -139,9 +140,10 @@ PRESETS: dict[str, PretrainRecipe] = {
     # DeepSeek-V2-Lite's proportions (64 experts top-6 + 2 shared, 6 MoE layers), raw text of every
     # domain, one-domain blocks. Its measured gates are in bench/README.md: more concentrated
     # routing and learnable held-out tasks, but not yet task-specific experts or solved aligned tasks.
-    "mini-moe-v2": PretrainRecipe(raw_documents=5000, domain_blocks=True, tokenizer_sees_template=True, layers=7,
-                                  routed_experts=64, experts_per_token=6, shared_experts=2, expert_width=24, steps=2400,
-                                  balance_loss_coef=0.01, measure_at=(600, 1200, 1800)),
+    "mini-moe-v2": PretrainRecipe(general_rows=45000, raw_documents=5000, held_out_raw_documents=15000, domain_blocks=True,
+                                  tokenizer_sees_template=True, layers=7, routed_experts=64, experts_per_token=6,
+                                  shared_experts=2, expert_width=24, steps=2400, balance_loss_coef=0.005,
+                                  measure_at=(600, 1200, 1800)),
 }
 
 
@@ -192,9 +194,9 @@ def pretraining_corpus(recipe: PretrainRecipe) -> list[Document]:
         count = recipe.general_rows if domain == synthetic.GENERAL else recipe.task_rows
         documents += [Document(domain, conversation=parse_record(record, f"{domain} pretraining row {i}"))
                       for i, record in enumerate(synthetic.rows(domain, count, seed=recipe.seed))]
-    if recipe.raw_documents:
-        documents += [Document(domain, text=text) for domain in synthetic.RAW_GENERATORS
-                      for text in synthetic.raw_documents(domain, recipe.raw_documents, recipe.seed)]
+    for domain in synthetic.RAW_GENERATORS:
+        count = recipe.held_out_raw_documents if domain in synthetic.HELD_OUT_TASKS else recipe.raw_documents
+        documents += [Document(domain, text=text) for text in synthetic.raw_documents(domain, count, recipe.seed)]
     if not recipe.domain_blocks:
         random.Random(f"pretrain:{recipe.seed}").shuffle(documents)
     return documents
@@ -439,7 +441,8 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
          f"(the first dense), hidden {report['config']['hidden_size']}, MLA attention, vocabulary {report['config']['vocab_size']}"),
         (f"- data: general mixture ({recipe['general_rows']:,} rows) + {', '.join(synthetic.PRETRAIN_TASKS)} "
          f"({recipe['task_rows']:,} rows each) in the User/Assistant template, plus raw text of every task domain "
-         f"({recipe['raw_documents']:,} documents each); {report['data']['raw_text_share']:.1%} of the "
+         f"({recipe.get('held_out_raw_documents', 0):,} documents per held-out domain, {recipe['raw_documents']:,} per aligned "
+         f"one); {report['data']['raw_text_share']:.1%} of the "
          f"{report['data']['tokens']:,} tokens are raw text. Held out of the instruction format: "
          f"{', '.join(synthetic.HELD_OUT_TASKS)}. Tokenizer: byte-level BPE trained on all of it."),
         (f"- training: {recipe['steps']} steps x {recipe['batch_rows']} x {recipe['seq_len']} tokens, AdamW, lr {recipe['lr']} "

@@ -66,7 +66,7 @@ def test_gates_check_each_bound():
 
 
 TINY_RECIPE = replace(PRESETS["mini-moe-v2"], steps=3, batch_rows=2, seq_len=64, general_rows=60, task_rows=20,
-                      raw_documents=10, vocab_size=400, log_every=1, measure_rows=8, measure_at=(2,), threads=1)
+                      raw_documents=10, held_out_raw_documents=10, vocab_size=400, log_every=1, measure_rows=8, measure_at=(2,), threads=1)
 
 
 def test_a_tiny_recipe_run_is_deterministic_and_writes_a_standard_model_directory(tmp_path):
