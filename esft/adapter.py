@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -116,9 +116,14 @@ def _read_adapter(adapter_dir: Path) -> tuple[ExpertConfig, dict[str, torch.Tens
     if not weights.exists():
         raise AdapterError(f"{adapter_dir} is not an ESFT adapter: {WEIGHTS_FILENAME} is missing")
     config = load_expert_config(adapter_dir / CONFIG_FILENAME)
-    with safe_open(weights, framework="pt") as handle:  # safetensors only: nothing is unpickled
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    try:
+        with safe_open(weights, framework="pt") as handle:  # safetensors only: nothing is unpickled
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:  # an empty, truncated or tampered file (or an unreadable one)
+        reason = str(error).partition("\n")[0]
+        raise AdapterError(f"{weights} is not a readable safetensors file ({reason}); the adapter "
+                           "is truncated or corrupted: copy it again or re-export it (esft train writes it)") from error
     return config, tensors, metadata
 
 

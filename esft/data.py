@@ -242,7 +242,9 @@ def _check_corpus(path: str, valid: int, errors: list[str], skip_invalid: bool) 
     more = f"; and {len(errors) - _ERRORS_SHOWN} more" if len(errors) > _ERRORS_SHOWN else ""
     summary = f"{path}: {len(errors)} invalid line(s) of {valid + len(errors)}: {shown}{more}"
     if not skip_invalid:
-        raise DataError(f"{summary}; fix them or pass skip_invalid=True to skip them")
+        # The message reaches CLI users too, who have no skip option: the fix comes first.
+        raise DataError(f"{summary}; fix or delete these lines (in Python, read_conversations(..., skip_invalid=True) "
+                        "skips them)")
     logger.warning("skipped %s", summary)
 
 

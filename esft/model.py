@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from esft.families import family_of, fused_expert_params, moe_layers, num_experts, top_k
+from esft.families import FAMILIES, UnsupportedModelError, family_of, fused_expert_params, moe_layers, num_experts, top_k
 from esft.tiny import FAMILIES as TINY_FAMILIES
 from esft.tiny import tiny_model
 
@@ -32,6 +35,7 @@ def load_model(
     else:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        check_model_source(name_or_path, trust_remote_code, revision)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 name_or_path,
@@ -47,10 +51,32 @@ def load_model(
     return model
 
 
+def check_model_source(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> None:
+    """One clear line for two inputs transformers reports misleadingly: a local directory that does
+    not exist (huggingface_hub calls it a malformed repo id, "Repo id must be in the form ...") and
+    a config.json whose model_type transformers does not know (3 lines of upgrade advice, although
+    ESFT would not support an unknown family anyway). Reads only config.json."""
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_local and not Path(name_or_path).expanduser().exists():  # a hub id is NAME or ORG/NAME
+        raise ValueError(f"no model directory at {name_or_path}; give an existing model directory "
+                         "or a hub id such as deepseek-ai/DeepSeek-V2-Lite")
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name_or_path, **({"revision": revision} if revision else {}))
+    except OSError as error:
+        raise ValueError(f"cannot load model config {name_or_path!r}: {str(error).splitlines()[0]}") from error
+    model_type = config.get("model_type")
+    custom_code = trust_remote_code and "auto_map" in config
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING and not custom_code:
+        raise UnsupportedModelError(
+            f"model {name_or_path!r} has model_type {model_type!r}, which transformers {transformers.__version__} does not "
+            f"know; ESFT supports the MoE families {', '.join(sorted(FAMILIES))}: pass a checkpoint of one of them")
+
+
 def load_skeleton(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     """The model's structure without its weights (meta device): enough to inspect a 600B model."""
     if name_or_path.startswith(TINY_PREFIX):
         return load_model(name_or_path)
+    check_model_source(name_or_path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as error:
