@@ -15,6 +15,38 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written: it exists (without overwrite), has the wrong kind, or
+    lies in a read-only or unwritable directory."""
+
+
+def check_output(path: str | Path, *, directory: bool, overwrite: bool, flag: str = "--out") -> None:
+    """Check an output target before any work is spent on it (every `esft` command's --out policy).
+
+    An existing target is refused unless `overwrite` (a directory only when it is not empty, as
+    `atomic_directory` replaces an empty one anyway); a file where a directory goes, or the
+    reverse, is refused even then. Outputs are written to a temporary sibling and renamed, so
+    the nearest existing parent must be a directory this process can write in (os.access also
+    reports a read-only file system, for root too)."""
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            raise OutputError(f"{flag} {path} is a file, but a directory is written there; choose another {flag}")
+        if not directory and path.is_dir():
+            raise OutputError(f"{flag} {path} is a directory, but a file is written there; give a file path "
+                              f"such as {path / 'out.json'}")
+        if not overwrite and (not directory or any(path.iterdir())):
+            raise OutputError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another {flag}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {path} cannot be created: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path} cannot be written: {parent} is read-only or not writable by this user; "
+                          f"choose a writable {flag}")
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where Linux tells it (os.umask can only set it)."""
     try:
@@ -49,6 +81,8 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
 
     On any error (or Ctrl-C) the temporary directory is removed and `path` is left untouched."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, but a directory is written there; choose another --out")
     if path.exists() and not overwrite and any(path.iterdir()):
         raise FileExistsError(f"{path} already exists and is not empty; choose another --out or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@
     esft quickstart --out runs/quickstart
 
 Every command validates its inputs before it spends compute, prints one line `esft: error: ...`
-naming the problem and the fix on bad input, and exits non-zero without writing partial outputs.
+naming the problem and the fix on bad input, and exits 2 without writing partial outputs. Every
+--out follows one policy, checked first: an existing target is refused unless --overwrite (train:
+--resume), and its directory must be writable. Ctrl-C prints `esft: interrupted` and exits 130.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from esft.adapter import AdapterError
+from esft.io import check_output
 
 log = logging.getLogger("esft")
 
@@ -44,6 +46,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     if args.top_p is not None:
         check_top_p(args.top_p)  # fail before reading anything
+    check_output(args.out, directory=False, overwrite=args.overwrite)
     layer_scores = load_layer_scores(args.scores, args.score_function, args.averaging)
     config = select_experts(
         layer_scores,
@@ -67,6 +70,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from esft.model import load_model
     from esft.trainable import merge_adapter
 
+    check_output(args.out, directory=True, overwrite=args.overwrite)
     model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     check_adapter(model, args.adapter)  # before anything is written
     load_adapter(model, args.adapter)
@@ -102,21 +106,32 @@ def _stage_config(args: argparse.Namespace, cls: type, stage: str):
 def cmd_profile(args: argparse.Namespace) -> int:
     from pipeline.profile import ProfileConfig, run_profile
 
-    run_profile(_stage_config(args, ProfileConfig, "profile"))
+    config = _stage_config(args, ProfileConfig, "profile")
+    if config.out:  # a missing --out is reported by the config's own validation
+        check_output(config.out, directory=True, overwrite=config.overwrite)
+    run_profile(config)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import TrainConfig, run_train
 
-    run_train(_stage_config(args, TrainConfig, "train"))
+    config = _stage_config(args, TrainConfig, "train")
+    if config.out:
+        # An existing run directory is judged by run_train (refused unless --resume, which continues
+        # it: deleting a run's checkpoints is left to the user); here only its kind and writability.
+        check_output(config.out, directory=True, overwrite=True)
+    run_train(config)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import EvalConfig, run_eval
 
-    run_eval(_stage_config(args, EvalConfig, "eval"))
+    config = _stage_config(args, EvalConfig, "eval")
+    if config.out:  # before the generation, which can take minutes
+        check_output(config.out, directory=False, overwrite=args.overwrite)
+    run_eval(config)
     return 0
 
 
@@ -168,9 +183,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from esft.io import atomic_directory
     from esft.synthetic import write_corpus
 
-    paths = write_corpus(args.out, seed=args.seed, train_rows=args.train_rows, eval_rows=args.eval_rows, general_rows=args.train_rows)
+    check_output(args.out, directory=True, overwrite=args.overwrite)
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:  # the corpus appears whole or not at all
+        paths = write_corpus(tmp, seed=args.seed, train_rows=args.train_rows, eval_rows=args.eval_rows, general_rows=args.train_rows)
     print(f"wrote {len(paths)} domains ({', '.join(paths)}) x train/eval -> {args.out}")
     return 0
 
@@ -269,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="eval JSONL: reference rows (prompt, answers) or single-turn messages")
     p.add_argument("--metric", action="append", choices=["exact_match", "numeric", "intent", "rouge_l", "bleu", "chrf"])
     p.add_argument("--out", help="metrics JSON to write (predictions go beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--stop", action="append", help="stop sequence (repeatable; default: blank line and 'User:')")
     p.add_argument("--batch-size", type=int)
@@ -291,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-shared-experts", action="store_true")
     p.add_argument("--train-non-expert-modules", action="store_true")
     p.add_argument("--out", required=True, help="expert config file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("merge", help="merge an adapter into its base model (a plain Hugging Face model directory)")
@@ -320,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-rows", type=int, default=2000)
     p.add_argument("--eval-rows", type=int, default=200)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("quickstart", help="profile -> select -> train -> save -> merge on the embedded default")
@@ -335,11 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, AdapterError) as error:
+    # Input errors: the checks raise ValueError subclasses (ConfigError, DataError, AdapterError,
+    # OutputError, ...) or FileExistsError / FileNotFoundError for paths. Other types (OSError,
+    # RuntimeError, ...) are bugs or environment failures and keep their traceback.
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"esft: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("esft: interrupted; no partial outputs were left behind", file=sys.stderr)
+    except KeyboardInterrupt:  # outputs are written atomically, so a rerun starts clean
+        print("esft: interrupted; rerun the command (esft train: add --resume to continue from the last checkpoint)",
+              file=sys.stderr)
         return 130
 
 

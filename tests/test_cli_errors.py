@@ -111,3 +111,122 @@ def test_a_malformed_training_line_says_fix_or_delete(tmp_path, capsys):
     error = one_error_line(capsys)
     assert f"{data}:4: invalid JSON" in error and "fix or delete these lines" in error
     assert not out.exists()
+
+
+# --- one --out policy: an existing target is refused unless --overwrite -----------------------------
+
+def _select(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"token_scores": {"1": {"0": 0.7, "1": 0.3}}, "gate_scores": {"1": {"0": 0.7, "1": 0.3}}}))
+    return ["select", "--scores", str(summary), "--score-function", "token", "--top-p", "0.5", "--out", str(out), *extra]
+
+
+def _existing_file(tmp_path: Path) -> Path:
+    path = tmp_path / "existing.json"
+    path.write_text("user data")
+    return path
+
+
+def _non_empty_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "existing"
+    path.mkdir()
+    (path / "keep.txt").write_text("user data")
+    return path
+
+
+# (argv for an --out, which existing target, the expected message)
+OUT_CASES = {
+    "select over a file": (lambda t, out: _select(t, out), _existing_file, "already exists; pass --overwrite"),
+    "select into a directory": (lambda t, out: _select(t, out), _non_empty_dir, "is a directory, but a file is written there"),
+    "eval over a file": (lambda t, out: ["eval", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out)],
+                         _existing_file, "already exists; pass --overwrite"),
+    "data into a non-empty directory": (lambda t, out: ["data", "--out", str(out), "--train-rows", "2", "--eval-rows", "1"],
+                                        _non_empty_dir, "already exists; pass --overwrite"),
+    "merge over a file": (lambda t, out: ["merge", "--model", "tiny:deepseek_v2", "--adapter", str(t), "--out", str(out)],
+                          _existing_file, "is a file, but a directory is written there"),
+    "merge into a non-empty directory": (lambda t, out: ["merge", "--model", "tiny:deepseek_v2", "--adapter", str(t), "--out", str(out)],
+                                         _non_empty_dir, "already exists; pass --overwrite"),
+    "profile into a non-empty directory": (lambda t, out: ["profile", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out)],
+                                           _non_empty_dir, "already exists; pass --overwrite"),
+    "train over a file": (lambda t, out: ["train", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out)],
+                          _existing_file, "is a file, but a directory is written there"),
+}
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+def test_an_existing_out_is_refused_and_left_as_it_was(tmp_path, capsys, case):
+    argv, make_target, message = OUT_CASES[case]
+    target = make_target(tmp_path)
+    command = argv(tmp_path, target)
+    before = snapshot(tmp_path)
+    assert esft(command) == 2
+    error = one_error_line(capsys)
+    assert f"--out {target}" in error and message in error
+    assert snapshot(tmp_path) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
+
+
+def test_overwrite_replaces_an_existing_out(tmp_path, capsys):
+    out = _existing_file(tmp_path)
+    assert esft(_select(tmp_path, out, "--overwrite")) == 0
+    assert json.loads(out.read_text())["experts"] == {"1": [0]}
+    corpus = _non_empty_dir(tmp_path)
+    assert esft(["data", "--out", str(corpus), "--train-rows", "2", "--eval-rows", "1", "--overwrite"]) == 0
+    assert not (corpus / "keep.txt").exists()  # replaced as a whole, like every other directory output
+    assert (corpus / "math" / "train.jsonl").read_text().count("\n") == 2
+
+
+# --- an unwritable --out: one line before any work --------------------------------------------------
+
+WRITERS = {
+    "select": lambda t, out: _select(t, out / "cfg.json"),
+    "profile": lambda t, out: ["profile", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out / "p")],
+    "train": lambda t, out: ["train", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out / "run")],
+    "merge": lambda t, out: ["merge", "--model", "tiny:deepseek_v2", "--adapter", str(t), "--out", str(out / "m")],
+    "eval": lambda t, out: ["eval", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out / "m.json")],
+    "data": lambda t, out: ["data", "--out", str(out / "corpus"), "--train-rows", "2", "--eval-rows", "1"],
+}
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch) -> Path:
+    """A directory this process cannot write in. Root ignores permission bits (but not a read-only
+    file system), so for root os.access is made to answer as it does on a read-only mount."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    if os.geteuid() == 0:
+        real_access = os.access
+        monkeypatch.setattr("esft.io.os.access", lambda path, mode: Path(path) != directory and real_access(path, mode))
+    yield directory
+    directory.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys, read_only_dir, command):
+    assert esft(WRITERS[command](tmp_path, read_only_dir)) == 2
+    error = one_error_line(capsys)
+    assert f"{read_only_dir} is read-only or not writable by this user; choose a writable --out" in error
+    assert list(read_only_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_out_under_a_file_is_refused(tmp_path, capsys, command):
+    blocker = _existing_file(tmp_path)
+    assert esft(WRITERS[command](tmp_path, blocker)) == 2
+    assert f"{blocker} is a file, not a directory" in one_error_line(capsys)
+    assert blocker.read_text() == "user data"
+
+
+# --- Ctrl-C at the CLI boundary -------------------------------------------------------------------
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("esft.select.select_experts", interrupted)
+    out = tmp_path / "cfg.json"
+    assert esft(_select(tmp_path, out)) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("esft: interrupted") and "\n" not in err
+    assert not out.exists()

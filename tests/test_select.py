@@ -76,7 +76,7 @@ def test_cli_select_from_reference_summary(tmp_path):
     assert esft(["select", "--scores", str(summary), "--score-function", "token", "--top-p", "0.6", "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == {"experts": {"1": [3, 2], "2": [0, 1, 2]}, "shared_experts": False, "non_expert_modules": False}
     assert esft(["select", "--scores", str(tmp_path), "--score-function", "gate", "--experts-per-layer", "1",
-                 "--train-shared-experts", "--out", str(out)]) == 0
+                 "--train-shared-experts", "--out", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text()) == {"experts": {"1": [3], "2": [0]}, "shared_experts": True, "non_expert_modules": False}
 
 
