@@ -201,7 +201,7 @@ def run_eval(config: EvalConfig) -> dict:
     from pipeline.profile import ensure_ray, placement_for
 
     ensure_ray()
-    placement = placement_for(config.replicas, config.gpus_per_replica, None)
+    placement = placement_for(config.replicas, config.gpus_per_replica, None, reading_cpus=0)  # rows come from memory
     started = time.perf_counter()
     import ray
 

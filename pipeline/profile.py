@@ -132,9 +132,11 @@ class TaskProfile:
         return self.scores.total_tokens / max(self.seconds, 1e-9)
 
 
-def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: float | None, threads: int | None = None) -> dict:
+def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: float | None, threads: int | None = None,
+                  reading_cpus: float = 1.0) -> dict:
     """Resources of each model replica (profiling and evaluation share this). `threads`: torch
-    threads per CPU replica; default the node's cores shared between the replicas."""
+    threads per CPU replica; default the node's cores shared between the replicas. `reading_cpus`:
+    what Ray Data's read and pack tasks need beside the pool (0 when the rows come from memory)."""
     import ray
 
     resources = ray.cluster_resources()
@@ -150,6 +152,15 @@ def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: floa
         per_replica = 1.0
     else:  # CPU replicas: leave one CPU for reading and packing, or the stream starves (ARCHITECTURE §6)
         per_replica = max(0.25, (cpus - 1) / replicas)
+    # Ray does not refuse a pool larger than the cluster: the stream waits for CPUs forever (and a
+    # pool holding every CPU starves the read tasks), so refuse here, before any model is loaded.
+    needed = replicas * per_replica + reading_cpus
+    if needed > cpus + 1e-9:  # the tolerance absorbs rounding in (cpus - 1) / replicas * replicas
+        reading = f" + {reading_cpus:g} CPU to read the data" if reading_cpus else ""
+        raise ConfigError(
+            f"{replicas} replicas x {per_replica:g} CPUs{reading} need {needed:g} CPUs; the Ray cluster offers "
+            f"{cpus:g} (lower --replicas{'' if cpus_per_replica is None else ' or --cpus-per-replica'}, or add nodes)"
+        )
     if threads is None:
         threads = max(1, int(os.cpu_count() or 1) // replicas) if gpus_per_replica == 0 else 2
     return {"num_cpus": per_replica, "threads": threads}

@@ -28,7 +28,9 @@ import logging
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -210,7 +212,7 @@ def run_train(config: TrainConfig) -> dict:
         ),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    result = fit_restoring_sigint(trainer)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     if result.checkpoint is None:
@@ -220,6 +222,26 @@ def run_train(config: TrainConfig) -> dict:
     log.info("train: done, step %d, loss %.4f, validation loss %s -> %s", last["step"], last["loss"],
              metrics.get("final_valid_loss"), out / EXPORT_DIR[config.method])
     return metrics
+
+
+def fit_restoring_sigint(trainer):
+    """`trainer.fit()`, with Ctrl-C raised as KeyboardInterrupt and the caller's SIGINT handler put back.
+
+    Ray Train (DataParallelTrainer._register_sigint_handler, Ray 2.60) installs its own SIGINT
+    handler in the main thread and never restores the previous one: a later Ctrl-C (evaluation or
+    registration in `esft run`) would only reach an aborted controller and be swallowed. On Ctrl-C
+    its handler aborts the run and ends it with sys.exit(0), a SystemExit raised inside fit that
+    would leave the CLI with no message. The checkpoints written so far stay: `--resume` continues."""
+    if threading.current_thread() is not threading.main_thread():  # a Tune trial: Ray installs nothing
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit as error:
+        raise KeyboardInterrupt("training aborted by Ctrl-C") from error
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, which cannot be restored
+            signal.signal(signal.SIGINT, previous)
 
 
 def _export(checkpoint_dir: str, out: Path, config: TrainConfig, expert_config, wall_seconds: float) -> dict:

@@ -230,3 +230,70 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("esft: interrupted") and "\n" not in err
     assert not out.exists()
+
+
+# --- Ctrl-C during training: Ray Train's SIGINT handler ----------------------------------------
+
+class FakeTrainer:
+    """Does what Ray Train's fit does to SIGINT: installs its own handler, and on Ctrl-C aborts the
+    run with sys.exit(0) from that handler."""
+
+    def __init__(self, interrupted: bool):
+        self.interrupted = interrupted
+
+    def fit(self):
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        if self.interrupted:
+            raise SystemExit(0)
+        return "result"
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_training_restores_the_callers_sigint_handler(interrupted):
+    from pipeline.train import fit_restoring_sigint
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        if interrupted:
+            with pytest.raises(KeyboardInterrupt):
+                fit_restoring_sigint(FakeTrainer(interrupted=True))
+        else:
+            assert fit_restoring_sigint(FakeTrainer(interrupted=False)) == "result"
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- more replicas or workers than the cluster has: refused, not a silent hang ----------------------
+
+@pytest.fixture
+def two_cpu_cluster(monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+
+
+def test_profile_replicas_must_fit_beside_the_readers(two_cpu_cluster):
+    from pipeline.config import ConfigError
+    from pipeline.profile import placement_for
+
+    with pytest.raises(ConfigError, match=r"^8 replicas x 0.25 CPUs \+ 1 CPU to read the data need 3 CPUs; the Ray cluster "
+                                          r"offers 2 \(lower --replicas, or add nodes\)"):
+        placement_for(8, 0.0, None)
+    with pytest.raises(ConfigError, match="lower --replicas or --cpus-per-replica"):
+        placement_for(2, 0.0, 1.0)
+    assert placement_for(4, 0.0, None, threads=1)["num_cpus"] == 0.25  # 4 x 0.25 + 1 reading CPU fit
+    assert placement_for(3, 0.0, None, threads=1)["num_cpus"] == pytest.approx(1 / 3)
+    # evaluation streams rows from memory: no reading CPU
+    assert placement_for(8, 0.0, None, threads=1, reading_cpus=0)["num_cpus"] == 0.25
+
+
+def test_train_workers_must_fit_the_cluster(two_cpu_cluster):
+    from pipeline.config import ConfigError
+    from pipeline.train import TrainConfig, _check_cluster
+
+    with pytest.raises(ConfigError, match=r"8 workers x 1 CPUs asked, the cluster has 2 CPUs; lower --workers"):
+        _check_cluster(TrainConfig(model="m", data="d", out="o", workers=8, cpus_per_worker=1))
+    _check_cluster(TrainConfig(model="m", data="d", out="o", workers=2, cpus_per_worker=1))
