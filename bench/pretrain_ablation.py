@@ -2,7 +2,7 @@
 (batch vs sequence), each a shorter run of the same recipe on the same data, measured by the
 same gates as the shipped model (esft.pretrain.measure_specialisation).
 
-    python bench/pretrain_ablation.py --preset mini-moe-v2 --steps 400 --out runs/pretrain_ablation
+    python bench/pretrain_ablation.py --preset mini-moe --steps 400 --out runs/pretrain_ablation
 
 Writes one model directory per variant under --out and bench/results/pretrain_ablation.json, whose
 rows go into the model card (`--card esft/assets/mini-moe`, or `esft pretrain --ablation FILE`).
@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="mini-moe-v2", help="the recipe whose knobs are varied")
+    parser.add_argument("--preset", default="mini-moe", help="the recipe whose knobs are varied")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--out", default="runs/pretrain_ablation")
     parser.add_argument("--only", nargs="*", help="variants as scope:coef, e.g. batch:0.001")

@@ -1,19 +1,20 @@
 """The recipe that builds the project's small pretrained MoE, `mini-moe` (the embedded default):
 
-    esft pretrain --out esft/assets/mini-moe                       # the shipped model
-    esft pretrain --preset mini-moe-v2 --out runs/mini-moe-v2      # the specialised-experts design
+    esft pretrain --out esft/assets/mini-moe                       # the shipped model (~40 min on 2 CPU cores)
+    esft pretrain --preset mini-moe-v1 --out runs/mini-moe-v1      # the first embedded model, for comparison
 
-`PRESETS["mini-moe"]` (the defaults of `PretrainRecipe`) is the shipped model: a DeepSeek-V2
-model (one dense first layer, then 4 MoE layers of 32 routed experts, top-4, one shared expert, MLA
-attention) with a byte-level BPE tokenizer, pretrained from scratch on the generated general
-mixture plus the aligned tasks intent, law and summary in the User/Assistant template; math, code
-and translation are held out of tokenizer and model.
+`PRESETS["mini-moe"]` (the defaults of `PretrainRecipe`) is the shipped model, in DeepSeek-V2-Lite's
+proportions: a DeepSeek-V2 model (one dense first layer, then 6 MoE layers of 64 fine-grained
+routed experts, top-6, two shared experts, MLA attention) with a byte-level BPE tokenizer trained
+on everything it reads. It is pretrained from scratch on the generated general mixture, the
+aligned tasks intent, law and summary in the User/Assistant template, and raw, unaligned text of
+every task domain (`esft.synthetic.raw_documents`: worked sums and solutions, REPL sessions and
+program listings, a Veltish glossary and reader, request logs, law reports, news), one domain per
+block. The held-out tasks (math, code, translation) are held out of the instruction format only,
+as in the paper: the model has their skill, not their alignment.
 
-`PRESETS["mini-moe-v2"]` is DeepSeek-V2-Lite's proportions (6 MoE layers of 64 experts, top-6, two
-shared experts), with raw, unaligned text of every task domain in pretraining
-(`esft.synthetic.raw_documents`: worksheets and exercises, REPL sessions and scripts, a Veltish
-glossary and reader, request logs, law reports, news) so that the held-out tasks are held out of
-the instruction format only, and one domain per block. Its gates are not met yet (bench/README.md).
+`PRESETS["mini-moe-v1"]` rebuilds the first embedded model (32 experts, template data only, the
+held-out tasks never seen), whose experts barely specialised.
 
 Both add a switch-style balance loss over the batch (or, as an ablation, per sequence).
 `measure_specialisation` measures the gates ESFT's premise needs (concentrated, task-specific
@@ -87,23 +88,23 @@ BALANCE_SCOPES = ("batch", "sequence")
 @dataclass
 class PretrainRecipe:
     """Everything that determines a mini-moe build. The defaults are the shipped model's recipe
-    (PRESETS["mini-moe"]); PRESETS["mini-moe-v2"] is the specialised-experts design in progress."""
+    (PRESETS["mini-moe"]); PRESETS["mini-moe-v1"] rebuilds the first embedded model."""
 
     seed: int = 0
     # data
-    general_rows: int = 60000
+    general_rows: int = 45000
     task_rows: int = 20000  # per aligned task, in the instruction template
-    raw_documents: int = 0  # per aligned task domain, raw unaligned text (esft.synthetic.raw_documents)
-    held_out_raw_documents: int = 0  # per held-out task domain: where its skill comes from (more text, more experts of its own)
-    domain_blocks: bool = False  # one domain per pretraining block (as a window of a long document) or a mixed stream
-    tokenizer_sees_template: bool = False  # train the tokenizer on "User: ... Assistant: ..." (template words as tokens)
+    raw_documents: int = 5000  # per aligned task domain, raw unaligned text (esft.synthetic.raw_documents)
+    held_out_raw_documents: int = 15000  # per held-out task domain: where its skill comes from (more text, more experts of its own)
+    domain_blocks: bool = True  # one domain per pretraining block (as a window of a long document) or a mixed stream
+    tokenizer_sees_template: bool = True  # train the tokenizer on "User: ... Assistant: ..." (template words as tokens)
     vocab_size: int = 2048
-    # architecture (DeepSeek-V2: the first layer dense, then MoE layers)
-    layers: int = 5
-    routed_experts: int = 32
-    experts_per_token: int = 4
-    shared_experts: int = 1
-    expert_width: int = 32
+    # architecture (DeepSeek-V2: the first layer dense, then MoE layers); DeepSeek-V2-Lite's proportions
+    layers: int = 7
+    routed_experts: int = 64
+    experts_per_token: int = 6
+    shared_experts: int = 2
+    expert_width: int = 24
     # training
     steps: int = 2400
     batch_rows: int = 16
@@ -111,11 +112,11 @@ class PretrainRecipe:
     lr: float = 2e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to this share of lr
-    balance_loss_coef: float = 0.01
+    balance_loss_coef: float = 0.005
     balance_scope: str = "batch"  # "batch" or "sequence": over which tokens expert load is balanced
     threads: int = 2
     log_every: int = 50
-    measure_at: tuple[int, ...] = ()  # also measure routing specialisation at these steps
+    measure_at: tuple[int, ...] = (600, 1200, 1800)  # also measure routing specialisation at these steps
     measure_rows: int = 400  # rows per domain profiled for the gates (half as many for losses, a quarter generated)
 
     def validate(self) -> None:
@@ -134,16 +135,14 @@ class PretrainRecipe:
 
 
 PRESETS: dict[str, PretrainRecipe] = {
-    # The shipped embedded model: 32 experts top-4 + 1 shared, 4 MoE layers, pretrained on the
-    # general mixture and the aligned tasks only (held-out tasks never seen).
+    # The shipped embedded model (the defaults): DeepSeek-V2-Lite's proportions, raw text of every
+    # domain (three times as much for the held-out ones), one-domain blocks.
     "mini-moe": PretrainRecipe(),
-    # DeepSeek-V2-Lite's proportions (64 experts top-6 + 2 shared, 6 MoE layers), raw text of every
-    # domain, one-domain blocks. Its measured gates are in bench/README.md: more concentrated
-    # routing and learnable held-out tasks, but not yet task-specific experts or solved aligned tasks.
-    "mini-moe-v2": PretrainRecipe(general_rows=45000, raw_documents=5000, held_out_raw_documents=15000, domain_blocks=True,
-                                  tokenizer_sees_template=True, layers=7, routed_experts=64, experts_per_token=6,
-                                  shared_experts=2, expert_width=24, steps=2400, balance_loss_coef=0.005,
-                                  measure_at=(600, 1200, 1800)),
+    # The first embedded model (shipped until 2026-11-30): 32 experts top-4 + 1 shared, 4 MoE layers,
+    # pretrained on the general mixture and the aligned tasks only (held-out tasks never seen).
+    "mini-moe-v1": PretrainRecipe(general_rows=60000, raw_documents=0, held_out_raw_documents=0, domain_blocks=False,
+                                  tokenizer_sees_template=False, layers=5, routed_experts=32, experts_per_token=4,
+                                  shared_experts=1, expert_width=32, balance_loss_coef=0.01, measure_at=()),
 }
 
 

@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="the recipe of the embedded mini-moe: tokenizer + MoE pretraining on generated data")
     p.add_argument("--out", help="model directory (default: the package's esft/assets/mini-moe)")
-    p.add_argument("--preset", default="mini-moe", choices=["mini-moe", "mini-moe-v2"],
-                   help="mini-moe: the shipped model's recipe (default); mini-moe-v2: 64 experts top-6, raw text of every domain")
+    p.add_argument("--preset", default="mini-moe", choices=["mini-moe", "mini-moe-v1"],
+                   help="mini-moe: the shipped model's recipe (default); mini-moe-v1: the first embedded model (32 experts, template data only)")
     p.add_argument("--steps", type=int, help="pretraining steps (default: the preset's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--balance-loss-coef", type=float, help="weight of the expert-balance loss (default: the preset's)")

@@ -33,7 +33,7 @@ log = logging.getLogger("esft")
 SEQ_LENGTH = 128
 BATCH_ROWS = 4
 TOP_P = 0.2
-LEARNING_RATE = 1e-3  # mini-moe needs more than the paper's 1e-5 (for 16B models) to move in a few hundred steps
+LEARNING_RATE = 3e-3  # mini-moe needs more than the paper's 1e-5 (for 16B models) to move in a few hundred steps
 SEED = 0
 
 

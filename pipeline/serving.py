@@ -35,7 +35,7 @@ ADAPTER_ARTIFACT, BASE_ARTIFACT, TOKENIZER_ARTIFACT = "adapter", "base_model", "
 # How the base model travels with a version.
 BASE_HUB, BASE_LOGGED, BASE_LOCAL = "hub", "logged", "local"
 LOG_BASE_CHOICES = ("auto", "always", "never")
-AUTO_LOG_LIMIT_MB = 100.0  # `auto` logs a local base model up to this size (the embedded mini-moe is ~11 MB)
+AUTO_LOG_LIMIT_MB = 100.0  # `auto` logs a local base model up to this size (the embedded mini-moe is ~19 MB)
 # The files `from_pretrained` reads from a Hugging Face model directory; never pickles (*.bin, *.pt).
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".tiktoken", ".jinja", ".py")
 SERVING_FORMAT = "esft-pyfunc/1"
