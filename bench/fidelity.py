@@ -313,8 +313,8 @@ def summarise(results: list[dict], rates: dict, tasks: list[str], seeds: list[in
     grid_points = {m: [grid_point(results, m, lr) for lr in GRID[m]] for m in GRID}
     matched = matched_forgetting(grid_points, forget["esft_token"])
 
-    def over(a: float, b: float) -> float:
-        return round(a / b, 3) if b else float("nan")
+    def over(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b else None  # None (JSON null): the reference method did not move
 
     ratios = {
         "task_metric_esft_token_over_fft": over(metric["esft_token"], metric["fft"]),
