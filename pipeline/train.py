@@ -340,18 +340,45 @@ def _build_engine(config: TrainConfig):
     model = _prepare_method(model, config, bf16)
     ds_config = finalize(load_deepspeed_config(config.deepspeed), config.batch_size, config.grad_accum, PAPER_GRAD_CLIP, bf16)
     if zero_stage(ds_config) == 3:
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from esft.families import moe_layers
-
-        # Experts run only for the tokens routed to them: fetch each experts module's tensors whole.
-        set_z3_leaf_modules(model, list({type(layer.experts) for layer in moe_layers(model)}))
+        make_experts_zero3_leaves(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config)
     use_safe_loading(engine)  # checkpoints are data: never unpickle code from the run directory
     return engine, trainable
+
+
+def make_experts_zero3_leaves(model) -> None:
+    """ZeRO-3 gathers a module's parameters around that module's own forward and backward. Each
+    experts module becomes a leaf: its tensors are fetched whole, and its trainable tensors' gradients
+    are reduced together by one full backward hook, with zeros for experts no token reached on this
+    rank, so every rank reduces the same tensors.
+
+    That hook fires once the gradients of the module's inputs exist. When none of its inputs requires
+    grad (the first MoE layer with selected experts, when nothing below it trains), PyTorch fires it
+    as soon as the gradients of its *outputs* exist, before the selected experts' weight gradients:
+    DeepSpeed reduces zeros and frees the gradient, and the real one then lands on a size-0 tensor
+    ("The size of tensor a (0) must match the size of tensor b (32)"). So the hidden states entering
+    an experts module that trains always require grad; the cost is that module's input gradient."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from esft.families import moe_layers
+
+    layers = moe_layers(model)
+    set_z3_leaf_modules(model, list({type(layer.experts) for layer in layers}))
+    for layer in layers:
+        if any(p.requires_grad for p in layer.experts.parameters()):
+            layer.experts.register_forward_pre_hook(_hidden_states_require_grad, prepend=True)
+
+
+def _hidden_states_require_grad(module, args):
+    import torch
+
+    hidden = args[0]
+    if torch.is_grad_enabled() and not hidden.requires_grad:
+        return (hidden.detach().requires_grad_(True), *args[1:])
+    return None
 
 
 def _prepare_method(model, config: TrainConfig, bf16: bool):
@@ -442,7 +469,7 @@ def _save_and_report(engine, trainable, config: TrainConfig, step: int, history:
         tmp_path = Path(tmp)
         engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step, "history": history},
                                exclude_frozen_parameters=True)
-        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):  # whole tensors under ZeRO-3
+        with deepspeed.zero.GatheredParameters(_read_by_export(engine.module, trainable, config), modifier_rank=None):
             if rank == 0:
                 _write_export(engine.module, config, tmp_path / "export")
                 metrics = {
@@ -458,6 +485,17 @@ def _save_and_report(engine, trainable, config: TrainConfig, step: int, history:
                 atomic_write_text(tmp_path / "metrics.json", json.dumps(metrics))
         ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+def _read_by_export(module, trainable, config: TrainConfig) -> list:
+    """The parameters the export reads, to be gathered whole under ZeRO-3 (elsewhere they are whole
+    already): the trained ones and, for an ESFT adapter, which records the number of experts per
+    layer from a fused tensor's shape (esft.families.num_experts), the first MoE layer's gate_up_proj."""
+    if config.method != "esft":
+        return trainable
+    from esft.families import moe_layers
+
+    return [*trainable, moe_layers(module)[0].experts.gate_up_proj]
 
 
 def _write_export(module, config: TrainConfig, target: Path) -> None:

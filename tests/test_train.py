@@ -26,7 +26,11 @@ EXPERTS = {"1": [0, 5], "2": [3], "3": [7, 8, 9]}
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
+    return make_assets(tmp_path_factory.mktemp("train"))
+
+
+def make_assets(root):
+    """A tiny DeepSeek-V2 model directory with its tokenizer, task and general data, and an expert config."""
     corpus = synthetic.rows("math", 200, seed=2)
     save_model_with_tokenizer(root / "model", corpus)
     write_jsonl(root / "train.jsonl", corpus[:180])
