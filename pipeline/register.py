@@ -20,6 +20,8 @@ the default is a SQLite database in the run directory with an explicit artifact 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
 import shutil
@@ -52,6 +54,8 @@ SERVING_ENTRY = Path(__file__).with_name("serving_entry.py")
 # Imported by the serving code (pipeline.serving and what it imports); pinned to what logged it.
 SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "tokenizers", "numpy", "pandas", "pyyaml")
 
+
+log = logging.getLogger("esft")
 
 @dataclass(frozen=True)
 class Registration:
@@ -270,7 +274,9 @@ def register_adapter(
     trust_remote_code: bool = False,
 ) -> Registration:
     """Log the adapter and its numbers as an MLflow run with an MLflow Model, register the model as
-    a new version of `model_name`, and move the champion alias to it if it beats the current champion."""
+    a new version of `model_name`, and move the champion alias to it if it beats the current champion.
+    Idempotent: an adapter already registered under `model_name` (same bytes) is not registered
+    again, so a rerun after a crash between registration and the stage marker adds no version."""
     if metric_name not in metrics or not math.isfinite(float(metrics[metric_name])):
         raise ValueError(f"register: the metric {metric_name!r} to rank versions by is missing or not finite")
     from esft.adapter import adapter_summary
@@ -278,6 +284,12 @@ def register_adapter(
     base = base_model or tags.get("base_model") or adapter_summary(adapter_dir)["base_model"]
     uri = tracking_uri or default_tracking_uri(run_dir)
     client = mlflow_client(uri)
+    digest = adapter_digest(adapter_dir)
+    existing = registered_version_of(client, model_name, digest, uri)
+    if existing is not None:
+        log.info("register: this adapter is already version %s of %s; not registered again", existing.version, model_name)
+        return existing
+    tags = {**tags, ADAPTER_DIGEST_TAG: digest}
     experiment_id = get_or_create_experiment(client, experiment, artifact_root(uri, run_dir))
     run = client.create_run(experiment_id, run_name=f"{model_name}-{tags.get('score_function', '')}", tags=tags)
     try:
@@ -293,6 +305,40 @@ def register_adapter(
     client.set_terminated(run.info.run_id)
     return register_version(client, model_name, model_id, run.info.run_id, metric_name, float(metrics[metric_name]),
                             {**tags, **extra_tags}, uri, higher_is_better)
+
+
+ADAPTER_DIGEST_TAG = "esft.adapter_sha256"
+
+
+def adapter_digest(adapter_dir: str | Path) -> str:
+    """SHA-256 over an adapter directory's file names and bytes: what makes two adapters the same."""
+    digest = hashlib.sha256()
+    root = Path(adapter_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def registered_version_of(client, model_name: str, digest: str, tracking_uri: str) -> Registration | None:
+    """The version of `model_name` already registered from an adapter with this digest, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return None  # no such registered model yet
+    for version in versions:
+        if version.tags.get(ADAPTER_DIGEST_TAG) == digest:
+            try:
+                champion = str(client.get_model_version_by_alias(model_name, CHAMPION).version) == str(version.version)
+            except MlflowException:
+                champion = False
+            return Registration(model_name, str(version.version), version.run_id, champion, tracking_uri,
+                                version.tags.get("model_uri", ""))
+    return None
 
 
 def log_models(client, run_id: str, adapter_dir: str | Path, base_model: str, tokenizer: str | None, options: ModelLogging,

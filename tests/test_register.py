@@ -303,3 +303,16 @@ def test_no_database_file_is_tracked_by_git():
     assert tracked == []
     ignored = subprocess.run(["git", "check-ignore", "mlflow.db", "mlruns/0", "mlartifacts/1"], cwd=ROOT, capture_output=True, text=True)
     assert ignored.stdout.split() == ["mlflow.db", "mlruns/0", "mlartifacts/1"]
+
+
+def test_registering_the_same_adapter_again_adds_no_version(registry):
+    # a rerun after a crash between registration and the stage marker registers the same bytes again
+    from mlflow import MlflowClient
+
+    store = Path(registry["uri"].removeprefix("sqlite:///")).parent
+    again = register(registry["run_dir"] / "a4", registry["run_dir"], store, 0.7)
+    first_again = register(registry["run_dir"] / "a2", registry["run_dir"], store, 0.5)
+    assert (again.version, again.champion) == ("3", True) and (first_again.version, first_again.champion) == ("1", False)
+    assert again.model_uri == registry["versions"][2].model_uri
+    client = MlflowClient(registry["uri"], registry["uri"])
+    assert len(client.search_model_versions("name = 'esft-test'")) == 3
