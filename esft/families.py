@@ -182,7 +182,8 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def num_experts(layer: MoELayer) -> int:
-    return int(layer.experts.gate_up_proj.shape[0])
+    # The module's own count, not a fused tensor's shape: under ZeRO-3 a partitioned tensor has size 0.
+    return int(layer.experts.num_experts)
 
 
 def top_k(layer: MoELayer) -> int:

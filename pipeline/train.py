@@ -469,7 +469,8 @@ def _save_and_report(engine, trainable, config: TrainConfig, step: int, history:
         tmp_path = Path(tmp)
         engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step, "history": history},
                                exclude_frozen_parameters=True)
-        with deepspeed.zero.GatheredParameters(_read_by_export(engine.module, trainable, config), modifier_rank=None):
+        # the export reads only the trained tensors (gathered whole under ZeRO-3; whole already elsewhere)
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
             if rank == 0:
                 _write_export(engine.module, config, tmp_path / "export")
                 metrics = {
@@ -485,17 +486,6 @@ def _save_and_report(engine, trainable, config: TrainConfig, step: int, history:
                 atomic_write_text(tmp_path / "metrics.json", json.dumps(metrics))
         ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
-
-
-def _read_by_export(module, trainable, config: TrainConfig) -> list:
-    """The parameters the export reads, to be gathered whole under ZeRO-3 (elsewhere they are whole
-    already): the trained ones and, for an ESFT adapter, which records the number of experts per
-    layer from a fused tensor's shape (esft.families.num_experts), the first MoE layer's gate_up_proj."""
-    if config.method != "esft":
-        return trainable
-    from esft.families import moe_layers
-
-    return [*trainable, moe_layers(module)[0].experts.gate_up_proj]
 
 
 def _write_export(module, config: TrainConfig, target: Path) -> None:
