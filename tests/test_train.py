@@ -57,6 +57,25 @@ def uninterrupted(assets, tmp_path_factory):
     return out, run_train(config(assets, out))
 
 
+
+def merged_changing_only_selected_experts(model_dir, adapter_dir):
+    """base + adapter, merged, after checking that every non-expert tensor is bit-identical to the
+    base's and that only the selected experts' rows of the fused expert tensors moved."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(merged, adapter_dir)
+    merge_adapter(merged)
+    before, after = dict(base.named_parameters()), dict(merged.named_parameters())
+    for name, tensor in after.items():
+        if ".mlp.experts." not in name:
+            assert torch.equal(tensor, before[name]), f"{name} changed"
+    for layer in moe_layers(merged):
+        for fused in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{layer.index}.mlp.experts.{fused}"
+            moved = (after[key] != before[key]).flatten(1).any(1).nonzero().flatten().tolist()
+            assert moved == EXPERTS[str(layer.index)], key
+    return merged
+
 def test_esft_learns_and_touches_only_the_selected_experts(assets, uninterrupted):
     out, metrics = uninterrupted
     history = metrics["history"]
@@ -71,17 +90,7 @@ def test_esft_learns_and_touches_only_the_selected_experts(assets, uninterrupted
                 for p in ("gate_proj", "up_proj", "down_proj")}
     assert keys == expected
 
-    base = AutoModelForCausalLM.from_pretrained(assets / "model")
-    merged = AutoModelForCausalLM.from_pretrained(assets / "model")
-    load_adapter(merged, out / "adapter")
-    merge_adapter(merged)
-    before, after = dict(base.named_parameters()), dict(merged.named_parameters())
-    for name, tensor in after.items():
-        if ".mlp.experts." not in name:
-            assert torch.equal(tensor, before[name]), f"{name} changed"
-    for layer in moe_layers(merged):
-        moved = (after[f"model.layers.{layer.index}.mlp.experts.down_proj"] != before[f"model.layers.{layer.index}.mlp.experts.down_proj"])
-        assert moved.flatten(1).any(1).nonzero().flatten().tolist() == EXPERTS[str(layer.index)]
+    merged_changing_only_selected_experts(assets / "model", out / "adapter")
 
 
 def test_a_dead_worker_is_replaced_and_the_result_is_bitwise_identical(assets, uninterrupted, tmp_path, monkeypatch):

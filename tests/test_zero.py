@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from esft.adapter import load_adapter
-from esft.families import moe_layers
-from esft.trainable import merge_adapter
 from pipeline.data import cached_tokenizer
 from pipeline.train import RUN_NAME, prepare_data, run_train
-from tests.test_train import EXPERTS, adapter_tensors, config, make_assets
+from tests.test_train import adapter_tensors, config, make_assets, merged_changing_only_selected_experts
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 STEPS, HALF = 4, 2
@@ -71,19 +67,7 @@ def test_zero3_gives_the_zero2_adapter_and_resumes_from_its_checkpoint(assets, z
 
     # Frozen weights: the adapter changes the selected experts' rows and nothing else, and the
     # workers, which held every frozen tensor in 2 partitions, evaluated exactly base + adapter.
-    base = AutoModelForCausalLM.from_pretrained(assets / "model")
-    merged = AutoModelForCausalLM.from_pretrained(assets / "model")
-    load_adapter(merged, out / "adapter")
-    merge_adapter(merged)
-    before, after = dict(base.named_parameters()), dict(merged.named_parameters())
-    for name, tensor in after.items():
-        if ".mlp.experts." not in name:
-            assert torch.equal(tensor, before[name]), f"{name} changed"
-    for layer in moe_layers(merged):
-        for fused in ("gate_up_proj", "down_proj"):
-            key = f"model.layers.{layer.index}.mlp.experts.{fused}"
-            moved = (after[key] != before[key]).flatten(1).any(1).nonzero().flatten().tolist()
-            assert moved == EXPERTS[str(layer.index)], key
+    merged = merged_changing_only_selected_experts(assets / "model", out / "adapter")
     assert metrics["final_valid_loss"] == pytest.approx(valid_loss(merged, small(assets, out, "zero3")), rel=RELATIVE)
 
 
