@@ -171,6 +171,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
                 "balance_scope": args.balance_scope, "measure_at": tuple(args.measure_at) if args.measure_at else None}
     recipe = replace(PRESETS[args.preset], **{k: v for k, v in settings.items() if v is not None})
+    recipe.validate()
+    out = Path(args.out or ASSET_DIR)
+    check_output(out, directory=True, overwrite=args.overwrite)  # before ~40 minutes of pretraining
     ablation = None
     if args.ablation:
         try:
@@ -178,7 +181,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"pretrain: cannot read the ablation table {args.ablation} ({error}); "
                              "write it with `python bench/pretrain_ablation.py`") from error
-    pretrain(recipe, Path(args.out or ASSET_DIR), overwrite=args.overwrite, ablation=ablation)
+    pretrain(recipe, out, overwrite=args.overwrite, ablation=ablation)
     return 0
 
 
@@ -196,6 +199,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipeline.quickstart import run_quickstart
 
+    check_output(args.out, directory=True, overwrite=args.overwrite)
     run_quickstart(Path(args.out), steps=args.steps, overwrite=args.overwrite)
     return 0
 

@@ -185,6 +185,8 @@ WRITERS = {
     "merge": lambda t, out: ["merge", "--model", "tiny:deepseek_v2", "--adapter", str(t), "--out", str(out / "m")],
     "eval": lambda t, out: ["eval", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out / "m.json")],
     "data": lambda t, out: ["data", "--out", str(out / "corpus"), "--train-rows", "2", "--eval-rows", "1"],
+    "quickstart": lambda t, out: ["quickstart", "--out", str(out / "qs"), "--steps", "1"],
+    "pretrain": lambda t, out: ["pretrain", "--out", str(out / "model"), "--steps", "1"],
 }
 
 
