@@ -1,7 +1,9 @@
 """MLflow tracking of a sweep: one parent run, one nested run per trial, written by the driver.
 
 Trials write their artifacts to disk and report numbers to Tune; this Tune callback, running in
-the driver, turns each finished or failed trial into a nested MLflow run. A single writer keeps
+the driver, turns each finished, early-stopped or failed trial into a nested MLflow run. A trial that
+a scheduler stopped early is a finished run (not FAILED or KILLED: stopping it was the plan) tagged
+`esft.early_stopped=true`, with its per-step history up to the step where it was stopped. A single writer keeps
 the default SQLite store safe however many trials run at once, and a trial's run is looked up by
 its `esft.trial_id` tag first, so a restored sweep never logs a trial twice.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 TRIAL_TAG = "esft.trial_id"
+EARLY_STOPPED_TAG = "esft.early_stopped"
 PARENT_TAG = "mlflow.parentRunId"
 STEP_METRICS = ("loss", "valid_loss", "general_loss", "tokens_per_second")
 DRIVER_EXIT_ENV = "ESFT_TUNE_DRIVER_EXIT_AFTER"  # N: the driver dies after logging N trials (resume tests)
@@ -92,32 +95,62 @@ class SweepTracker(Callback):
             client.log_param(run.info.run_id, key, str(value))
         return run.info.run_id
 
+    def _log_history(self, client, run_id: str, history: list[dict], until_step: int | None = None) -> None:
+        for record in history:
+            if until_step is not None and record["step"] > until_step:
+                break
+            for key, value in _numbers({k: record[k] for k in STEP_METRICS if k in record}).items():
+                client.log_metric(run_id, key, value, step=int(record["step"]))
+
+    def _log_selection(self, client, run_id: str, work: Path) -> None:
+        for name in ("expert_cfg.json", "selection.png", "heatmap.png", "eval/metrics.json"):
+            if (work / name).exists():
+                client.log_artifact(run_id, str(work / name))
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self.trial_run_id(trial.trial_id):
             return  # logged before the sweep was interrupted
-        client, run_id, result = self._client(), self._new_run(trial), trial.last_result
+        result = trial.last_result or {}
+        if result.get("evaluated"):
+            self._log_finished(trial, result)
+        else:
+            self._log_early_stopped(trial, result)
+        self.logged += 1
+        if os.environ.get(DRIVER_EXIT_ENV) and self.logged >= int(os.environ[DRIVER_EXIT_ENV]):
+            os._exit(1)  # resume testing: the driver disappears, as after a crash or a lost head node
+
+    def _log_finished(self, trial, result: dict) -> None:
+        client, run_id = self._client(), self._new_run(trial)
         for key in ("selected_experts", "trainable_parameters"):
             client.log_param(run_id, key, str(result.get(key)))
         work = Path(result["work_dir"])
-        history = json.loads((work / "train" / "metrics.json").read_text()).get("history", [])
-        for record in history:
-            for key, value in _numbers({k: record[k] for k in STEP_METRICS if k in record}).items():
-                client.log_metric(run_id, key, value, step=int(record["step"]))
-        final = {k: v for k, v in _numbers(result).items() if k not in ("selected_experts", "trainable_parameters", *STEP_METRICS)
+        self._log_history(client, run_id, json.loads((work / "train" / "metrics.json").read_text()).get("history", []))
+        final = {k: v for k, v in _numbers(result).items() if k not in ("selected_experts", "trainable_parameters", "step", *STEP_METRICS)
                  and not k.startswith(("time_", "training_iteration", "timestamp", "pid", "iterations_"))}
         for key, value in final.items():
             client.log_metric(run_id, key, value)
         if result.get("duplicate_of"):
             client.set_tag(run_id, "esft.duplicate_of", result["duplicate_of"])
-        for name in ("expert_cfg.json", "selection.png", "heatmap.png", "eval/metrics.json"):
-            if (work / name).exists():
-                client.log_artifact(run_id, str(work / name))
+        self._log_selection(client, run_id, work)
         if not result.get("duplicate_of"):
             client.log_artifacts(run_id, str(work / "train" / "adapter"), artifact_path="adapter")
         client.set_terminated(run_id, status="FINISHED")
-        self.logged += 1
-        if os.environ.get(DRIVER_EXIT_ENV) and self.logged >= int(os.environ[DRIVER_EXIT_ENV]):
-            os._exit(1)  # resume testing: the driver disappears, as after a crash or a lost head node
+
+    def _log_early_stopped(self, trial, result: dict) -> None:
+        """A trial the scheduler stopped: its history up to the step Tune last saw (training may have gone a
+        little further before its workers were shut down), its selection, no adapter, no final metrics."""
+        from pipeline.tune import trained_history
+
+        client, run_id = self._client(), self._new_run(trial)
+        client.set_tag(run_id, EARLY_STOPPED_TAG, "true")
+        client.log_param(run_id, "selected_experts", str(result.get("selected_experts")))
+        if result.get("step") is not None:
+            client.log_metric(run_id, "stopped_at_step", float(result["step"]))
+        if result.get("work_dir"):
+            work = Path(result["work_dir"])
+            self._log_history(client, run_id, trained_history(work), until_step=result.get("step"))
+            self._log_selection(client, run_id, work)
+        client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if self.trial_run_id(trial.trial_id):

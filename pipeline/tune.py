@@ -1,35 +1,47 @@
 """Ray Tune sweeps over expert selection, tracked in MLflow, the best adapter registered:
 
-    esft tune --config configs/sweep.yaml
+    esft tune --config configs/sweep.yaml          # the grid
+    esft tune --config configs/sweep_asha.yaml     # Optuna's model-based search + ASHA early stopping
 
 profile once (cached by a hash of the model files, the data bytes and the profiling settings) -> one Tune trial
-per point of the search space: select (cheap) -> train (a Ray Train run inside the trial) ->
-evaluate -> report. A trial whose selection (and training settings) equals an earlier trial's
-reuses that result instead of retraining. The driver logs a parent MLflow run and one nested run
-per trial, registers the best trial's adapter as a new version of the registered model (the
-`champion` alias moves only if it beats the current champion) and prints a summary table.
+per point of the grid, or per proposal of the searcher: select (cheap) -> train (a Ray Train run inside the
+trial) -> evaluate -> report. Every validation step of the Ray Train run reaches Tune as a result (Ray's
+Train-to-Tune report callback), so a scheduler such as ASHA stops a trial whose validation loss falls behind;
+its last checkpoint is kept. A trial whose selection (and training settings) equals an earlier trial's
+reuses that result (or continues that checkpoint) instead of retraining. The driver logs a parent MLflow run and
+one nested run per trial (early-stopped ones tagged `esft.early_stopped=true`, never registered), registers
+the best trial's adapter as a new version of the registered model (the `champion` alias moves only if it
+beats the current champion) and prints a summary table.
 
-Rerunning the same command after the driver died restores the sweep with Tune: finished trials
-are kept, unfinished ones run again (their training resumes from its last checkpoint).
+Rerunning the same command after the driver died restores the sweep with Tune: finished trials are kept,
+the searcher keeps what it learnt, unfinished trials run again (their training resumes from its last
+checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import math
 import shutil
-from contextlib import contextmanager
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search.optuna import OptunaSearch
 
 from esft.io import atomic_write_text
 from pipeline.config import ConfigError, build_config
 
 log = logging.getLogger("esft")
 EXPERIMENT = "tune"  # Tune's experiment directory name under <run_dir>/ray
+STEP_OBJECTIVE_METRICS = ("valid_loss", "general_loss")  # objectives that every validation step measures
+SCHEDULER_METRICS = ("valid_loss", "general_loss", "loss")  # what a Train report carries at every validation step
 
 
 @dataclass
@@ -66,6 +78,81 @@ class SearchSpace:
             raise ConfigError("tune: the search space is empty; give token_top_p, gate_top_p or experts_per_layer values")
 
 
+SELECTION_KINDS = ("token", "gate", "token_budget", "gate_budget")
+
+
+@dataclass
+class SearcherConfig:
+    """Model-based search instead of the grid: Optuna's TPE (through Tune's OptunaSearch) proposes
+    `num_samples` trials, each a selection kind and its setting drawn from that kind's [low, high]
+    range, learning from the finished trials (early-stopped ones count as pruned). Kinds: token / gate
+    (top-p over that score; token and gate ranges differ), token_budget / gate_budget (a fixed number of
+    experts per layer ranked by that score)."""
+
+    algorithm: str = "optuna"
+    num_samples: int = 8
+    startup_trials: int = 3  # random proposals before TPE models the finished trials
+    seed: int = 0
+    kinds: list[str] = field(default_factory=lambda: ["token", "gate"])
+    token_top_p: list[float] = field(default_factory=lambda: [0.05, 0.6])  # [low, high]
+    gate_top_p: list[float] = field(default_factory=lambda: [0.02, 0.4])
+    experts_per_layer: list[int] = field(default_factory=lambda: [1, 8])
+    lr: list[float] = field(default_factory=list)  # [low, high] on a log scale; empty: the train section's lr
+    train_shared_experts: list[bool] = field(default_factory=lambda: [False])  # [false, true]: searched on/off
+
+    def validate(self) -> None:
+        from esft.select import check_top_p
+
+        if self.algorithm != "optuna":
+            raise ConfigError(f"tune: searcher.algorithm {self.algorithm!r} is not known; use optuna (or leave searcher out for the grid)")
+        for name in ("num_samples", "startup_trials"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "num_samples" else 0):
+                raise ConfigError(f"tune: searcher.{name} must be a {'positive' if name == 'num_samples' else 'non-negative'} integer")
+        if not self.kinds or any(k not in SELECTION_KINDS for k in self.kinds):
+            raise ConfigError(f"tune: searcher.kinds must name some of {', '.join(SELECTION_KINDS)}")
+        for name in ("token_top_p", "gate_top_p", "experts_per_layer", "lr"):
+            values = getattr(self, name)
+            if name == "lr" and not values:
+                continue
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or values[0] > values[1]:
+                raise ConfigError(f"tune: searcher.{name} must be a range [low, high] with low <= high, got {values!r}")
+        for p in self.token_top_p + self.gate_top_p:
+            check_top_p(p)
+        if any(not isinstance(n, int) or n < 1 for n in self.experts_per_layer):
+            raise ConfigError("tune: searcher.experts_per_layer must be a range of positive integers")
+        if self.lr and self.lr[0] <= 0:
+            raise ConfigError("tune: searcher.lr must be a range of positive numbers")
+        if not self.train_shared_experts or any(not isinstance(v, bool) for v in self.train_shared_experts):
+            raise ConfigError("tune: searcher.train_shared_experts must list true and/or false")
+
+
+@dataclass
+class SchedulerConfig:
+    """Early stopping (Tune's ASHAScheduler) on a metric that every validation step reports. A trial
+    can be stopped at `grace_period` steps, then at grace_period x reduction_factor^k steps, when it is
+    not in the best 1/reduction_factor of the trials that reached that step; never at its last step
+    (a trial that trained to the end is evaluated)."""
+
+    algorithm: str = "asha"
+    metric: str = "valid_loss"  # valid_loss, general_loss, loss, or objective when the objective is a loss
+    mode: str | None = None  # default: min for losses, else the objective's mode
+    grace_period: int | None = None  # in training steps; default: the first validation (train.eval_every)
+    reduction_factor: float = 2.0
+
+    def validate(self, objective_per_step: bool) -> None:
+        if self.algorithm != "asha":
+            raise ConfigError(f"tune: scheduler.algorithm {self.algorithm!r} is not known; use asha")
+        if self.metric not in SCHEDULER_METRICS and not (self.metric == "objective" and objective_per_step):
+            raise ConfigError(f"tune: scheduler.metric must be one of {', '.join(SCHEDULER_METRICS)} (metrics every validation "
+                              "step reports), or objective when objective.metric is valid_loss or general_loss")
+        if self.mode not in (None, "min", "max"):
+            raise ConfigError("tune: scheduler.mode must be min or max")
+        if self.grace_period is not None and (not isinstance(self.grace_period, int) or self.grace_period < 1):
+            raise ConfigError("tune: scheduler.grace_period must be a positive number of training steps")
+        if not (isinstance(self.reduction_factor, (int, float)) and self.reduction_factor > 1):
+            raise ConfigError("tune: scheduler.reduction_factor must be greater than 1")
+
+
 @dataclass
 class SweepConfig:
     name: str = "esft-sweep"  # also the registered model's name unless register.model_name is given
@@ -79,13 +166,21 @@ class SweepConfig:
     profile: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
-    search: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)  # the grid (used when there is no searcher)
+    searcher: dict = field(default_factory=dict)  # model-based search instead of the grid (SearcherConfig)
+    scheduler: dict = field(default_factory=dict)  # early stopping (SchedulerConfig); empty: every trial runs to its end
     objective: dict = field(default_factory=dict)  # metric, mode (max|min), general_loss_weight
     max_concurrent_trials: int = 1
     register: dict = field(default_factory=dict)  # model_name, tracking_uri, enabled, log_base_model, log_merged
 
     def space(self) -> SearchSpace:
         return build_config(SearchSpace, self.search, {}, where="tune: search")
+
+    def searcher_config(self) -> SearcherConfig | None:
+        return build_config(SearcherConfig, self.searcher, {}, where="tune: searcher") if self.searcher else None
+
+    def scheduler_config(self) -> SchedulerConfig | None:
+        return build_config(SchedulerConfig, self.scheduler, {}, where="tune: scheduler") if self.scheduler else None
 
     def pipeline(self):
         from pipeline.run import PipelineConfig
@@ -107,12 +202,27 @@ class SweepConfig:
         unknown = set(self.objective) - {"metric", "mode", "general_loss_weight"}
         if unknown:
             raise ConfigError(f"tune: unknown objective setting(s) {', '.join(sorted(unknown))}; known: metric, mode, general_loss_weight")
-        self.space().validate()
+        searcher = self.searcher_config()
+        if searcher:
+            if self.search:
+                raise ConfigError("tune: give either search (the grid) or searcher (model-based search), not both")
+            searcher.validate()
+        else:
+            self.space().validate()
+        scheduler = self.scheduler_config()
+        if scheduler:
+            scheduler.validate(objective_per_step=self.objective.get("metric") in STEP_OBJECTIVE_METRICS)
         if int(self.max_concurrent_trials) < 1:
             raise ConfigError("tune: max_concurrent_trials must be a positive integer")
         from pipeline.register import check_register_settings
 
         check_register_settings(self.register, {"model_name", "tracking_uri", "enabled"}, where="tune")
+
+    def fingerprint(self) -> str:
+        """What makes a run directory's sweep the same sweep (resume) or another one (sections this
+        version added count only when given, so sweeps started before it still resume)."""
+        settings = {k: v for k, v in asdict(self).items() if not (k in ("searcher", "scheduler") and not v)}
+        return _hash({**settings, "run_dir": None})
 
 
 def _hash(value: object) -> str:
@@ -168,7 +278,7 @@ def cached_profile(profile_cfg, run: Path) -> Path:
 # ------------------------------------------------------------------------------ one trial
 
 
-@contextmanager
+@contextlib.contextmanager
 def _claimed(lock_path: Path):
     """Exclusive ownership of one selection's work directory (concurrent trials with the same
     selection wait for the first instead of training it twice)."""
@@ -197,10 +307,141 @@ def objective_value(metrics: dict, metric: str, mode: str, general_loss_weight: 
     return value
 
 
-def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict, lr: float | None) -> dict:
+def trained_history(work: Path) -> list[dict]:
+    """A trial's per-step training records: the finished run's, else those of its latest checkpoint
+    (a run stopped early or interrupted), else none."""
+    finished = work / "train" / "metrics.json"
+    if finished.exists():
+        return json.loads(finished.read_text()).get("history", [])
+    checkpoints = sorted((work / "train" / "ray" / "train").glob("checkpoint_*/metrics.json"))
+    for metrics in reversed(checkpoints):  # the newest complete one
+        try:
+            return json.loads(metrics.read_text()).get("history", [])
+        except (OSError, json.JSONDecodeError):
+            continue
+    return []
+
+
+def step_result(record: dict, context: dict) -> dict:
+    """What Tune sees of one validation step: the Train record, the trial's work directory and size,
+    and the objective where the step measures it (None otherwise: a searcher then waits for the end)."""
+    metric, mode, weight = context["objective"]
+    measured = metric in STEP_OBJECTIVE_METRICS and record.get(metric) is not None
+    objective = objective_value(record, metric, mode, weight) if measured else None
+    return {**record, "objective": objective, "work_dir": context["work_dir"], "selected_experts": context["selected_experts"]}
+
+
+class ValidationToTune(TuneReportCallback):
+    """Ray's Train-to-Tune report callback (it runs in the Train controller and hands each report to the
+    Tune trial that launched the run), each record completed by `step_result`. It also hands the trial
+    its controller once, so that a trial stopped early can abort its Train run (`SweepTrial.cleanup`)."""
+
+    def __init__(self, context: dict, controller_handoff):
+        super().__init__()
+        self.context = context
+        self.controller_handoff = controller_handoff  # a ray.util.queue.Queue owned by the trial
+        self.handed_over = False  # per controller: the callback is a copy inside each one
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if not self.handed_over:
+            import ray
+
+            self.controller_handoff.put(ray.get_runtime_context().current_actor)
+            self.handed_over = True
+        super().after_report(run_context, [step_result(metrics[0], self.context), *metrics[1:]], checkpoint)
+
+
+# The Train run this trial's process is driving (a trial process runs one trial): what `SweepTrial.cleanup`
+# aborts when Tune stops the trial before its run ended.
+_LIVE_TRAIN_RUN: dict = {}
+
+
+def _abort_live_train_run() -> None:
+    """Abort the trial's Train run through its controller: workers stopped, placement group removed, nothing
+    left for Ray's own cleanup to find later (that needs the dashboard). The checkpoints stay."""
+    from queue import Empty
+
+    import ray
+
+    handoff = _LIVE_TRAIN_RUN.get("handoff")
+    if handoff is None:
+        return
+    _LIVE_TRAIN_RUN["aborted"] = True
+    try:
+        controller = handoff.get(block=False)
+    except Empty:
+        return  # no report yet: the controller dies with this process and Ray cleans up after it
+    with contextlib.suppress(Exception):  # the controller exits as it aborts (RayActorError), or is gone already
+        ray.get(controller.abort.remote(), timeout=120)
+
+
+def sweep_trainable(setup: dict):
+    """The Tune trainable: `run_trial` as a function trainable whose cleanup (Tune's stop, e.g. ASHA's)
+    first aborts a Train run still going. It reserves no CPU or GPU: Ray Train's workers and the evaluation
+    replicas ask for them, so a trial cannot starve its own training run."""
+    from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    base = wrap_function(tune.with_parameters(run_trial, setup=setup))
+
+    def cleanup(self):
+        _abort_live_train_run()
+        base.cleanup(self)
+
+    trial_class = type(run_trial.__name__, (base,), {"cleanup": cleanup})  # trials named as before
+    return tune.with_resources(trial_class, {"cpu": 0, "memory": 64 * 1024**2})
+
+
+def _run_train_reporting_to_tune(train_cfg, context: dict) -> dict:
+    """run_train with every Train report (one per validation step in a sweep) forwarded to this Tune trial."""
+    from ray.util.queue import Queue
+
+    _LIVE_TRAIN_RUN.update(handoff=Queue(actor_options={"num_cpus": 0}), aborted=False)
+    callbacks = [ValidationToTune(context, _LIVE_TRAIN_RUN["handoff"])]
+    try:
+        return _run_train_with_callbacks(train_cfg, callbacks)
+    except Exception:
+        if _LIVE_TRAIN_RUN.get("aborted"):
+            raise _StoppedByTune() from None
+        raise
+    finally:
+        _LIVE_TRAIN_RUN.pop("handoff", None)
+
+
+class _StoppedByTune(Exception):
+    """The Train run was aborted because Tune stopped the trial (the trial ends quietly)."""
+
+
+def _run_train_with_callbacks(train_cfg, callbacks: list) -> dict:
+    import inspect
+
+    from ray.train import RunConfig
+
+    from pipeline.train import run_train
+
+    if "callbacks" in inspect.signature(run_train).parameters:
+        return run_train(train_cfg, callbacks=callbacks)
+    # Until run_train takes Ray Train callbacks itself: the RunConfig it builds for this run directory gets
+    # them, in this trial's process only. (The class keeps its identity: Ray pickles it by reference.)
+    storage = str(Path(train_cfg.out).resolve() / "ray")
+    original = RunConfig.__post_init__
+
+    def post_init(run_config):
+        original(run_config)
+        if str(run_config.storage_path) == storage:
+            run_config.callbacks = [*(run_config.callbacks or []), *callbacks]
+
+    RunConfig.__post_init__ = post_init
+    try:
+        return run_train(train_cfg)
+    finally:
+        RunConfig.__post_init__ = original
+
+
+def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict, lr: float | None, context: dict) -> dict:
     from esft.report import save_selection_plot
     from pipeline.evaluate import EvalConfig, run_eval
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.train import TrainConfig
 
     expert_config.save(work / "expert_cfg.json")
     save_selection_plot(expert_config, setup["num_experts"], work / "selection.png")
@@ -208,13 +449,12 @@ def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict,
     train_cfg = TrainConfig(**{**setup["train"], "out": str(work / "train"), "expert_config": str(work / "expert_cfg.json")})
     if lr is not None:
         train_cfg.lr = lr
-    train_cfg.eval_every = min(train_cfg.eval_every, train_cfg.steps)
-    # An interrupted earlier attempt of this same selection continues from its checkpoint.
+    # An earlier attempt of this same selection (stopped early, or interrupted) continues from its checkpoint.
     checkpoints = list((work / "train" / "ray" / "train").glob("checkpoint_*"))
     train_cfg.resume = bool(checkpoints) and not (work / "train" / "metrics.json").exists()
     if (work / "train").exists() and not train_cfg.resume:
         shutil.rmtree(work / "train")
-    trained = run_train(train_cfg)
+    trained = _run_train_reporting_to_tune(train_cfg, context)
     eval_cfg = EvalConfig(**{**setup["eval"], "adapter": str(work / "train" / "adapter"), "out": str(work / "eval" / "metrics.json")})
     evaluated = run_eval(eval_cfg)
     return {
@@ -228,7 +468,12 @@ def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict,
 
 
 def run_trial(params: dict, setup: dict) -> None:
-    """One Tune trial: select -> train -> evaluate, or reuse an identical earlier selection's result."""
+    """One Tune trial: select -> train -> evaluate, or reuse an identical earlier selection's result.
+
+    Tune sees every validation step (the scheduler may stop the trial at any of them). A selection
+    trained before, to its end or only partly (stopped early, interrupted), first replays its recorded
+    validation steps, so the scheduler judges it on the same curve; then it reuses the result, or
+    training continues from the last checkpoint."""
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -237,22 +482,30 @@ def run_trial(params: dict, setup: dict) -> None:
     experts = {layer: sorted(ids) for layer, ids in expert_config.experts.items()}  # order does not change training
     key = _hash({"experts": experts, "shared": expert_config.shared_experts, "lr": params["lr"], "train": setup["train"]})
     work = run / "trials" / key
+    context = {"objective": setup["objective"], "work_dir": str(work), "selected_experts": expert_config.num_selected}
     with _claimed(run / "trials" / f"{key}.lock"):
+        for record in trained_history(work):
+            if record.get("valid_loss") is not None:
+                ray.tune.report(step_result(record, context))
         result_file = work / "result.json"
         if result_file.exists():
             result = json.loads(result_file.read_text())
             log.info("trial %s: same selection as trial %s, not retrained", trial_id, result["trained_by"])
         else:
-            result = {"trained_by": trial_id, "work_dir": str(work), "selected_experts": expert_config.num_selected,
-                      **_train_and_evaluate(work, expert_config, params["selection"], setup, params["lr"])}
+            try:
+                trained = _train_and_evaluate(work, expert_config, params["selection"], setup, params["lr"], context)
+            except _StoppedByTune:
+                log.info("trial %s: stopped by Tune; its Train run was aborted, its checkpoints kept", trial_id)
+                return
+            result = {"trained_by": trial_id, "work_dir": str(work), "selected_experts": expert_config.num_selected, **trained}
             atomic_write_text(result_file, json.dumps(result, indent=1))
     metric, mode, weight = setup["objective"]
-    report = {**result, "objective": objective_value(result, metric, mode, weight),
-              "duplicate_of": result["trained_by"] if result["trained_by"] != trial_id else ""}
+    report = {**result, "step": setup["train"]["steps"], "objective": objective_value(result, metric, mode, weight),
+              "evaluated": True, "duplicate_of": result["trained_by"] if result["trained_by"] != trial_id else ""}
     ray.tune.report(report)
 
 
-# ------------------------------------------------------------------------------ the sweep
+# ------------------------------------------------------------------------------ search and early stopping
 
 
 def _param_space(space: SearchSpace) -> dict:
@@ -263,8 +516,75 @@ def _param_space(space: SearchSpace) -> dict:
             "train_shared_experts": tune.grid_search(space.train_shared_experts)}
 
 
+def suggest_trial(trial, searcher: SearcherConfig) -> dict:
+    """Optuna's define-by-run space: a selection kind, then only that kind's setting (so TPE models token
+    and gate top-p apart), the learning rate on a log scale, shared experts on or off. Returns the trial's
+    config in the grid's shape (selection, lr, train_shared_experts)."""
+    kind = trial.suggest_categorical("kind", searcher.kinds)
+    if kind in ("token", "gate"):
+        low, high = getattr(searcher, f"{kind}_top_p")
+        selection = {"score_function": kind, "top_p": trial.suggest_float(f"{kind}_top_p", low, high)}
+    else:
+        low, high = searcher.experts_per_layer
+        selection = {"score_function": kind.removesuffix("_budget"), "experts_per_layer": trial.suggest_int("experts_per_layer", low, high)}
+    lr = trial.suggest_float("lr", *searcher.lr, log=True) if searcher.lr else None
+    shared = searcher.train_shared_experts
+    train_shared = trial.suggest_categorical("train_shared_experts", shared) if len(set(shared)) > 1 else shared[0]
+    return {"selection": selection, "lr": lr, "train_shared_experts": train_shared}
+
+
+class StepAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch, given only the results that measure the objective: a validation step of a trial whose
+    objective is an evaluation metric carries objective None, and Optuna hears of the trial at its end
+    (complete, or pruned when it was stopped early)."""
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if result.get(self.metric) is not None:
+            super().on_trial_result(trial_id, result)
+
+
+def make_searcher(searcher: SearcherConfig, mode: str):
+    """Tune's OptunaSearch over `suggest_trial`, with a TPE sampler that starts modelling after a few trials."""
+    import warnings
+
+    try:
+        import optuna
+    except ImportError as error:
+        raise ConfigError("tune: searcher.algorithm optuna needs Optuna: pip install 'esft[sweep]'") from error
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():  # multivariate/group TPE (conditional spaces) is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(n_startup_trials=searcher.startup_trials, seed=searcher.seed,
+                                             multivariate=True, group=True)
+    return StepAwareOptunaSearch(space=functools.partial(suggest_trial, searcher=searcher), metric="objective", mode=mode,
+                                  sampler=sampler)
+
+
+def make_scheduler(scheduler: SchedulerConfig, train: dict, objective_mode: str):
+    """ASHA over training steps. Its last rung lies before the final step and trials past it are not stopped
+    (stop_last_trials=False): a trial that trained to its end is always evaluated."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    grace = scheduler.grace_period or train["eval_every"]
+    if grace >= train["steps"]:
+        raise ConfigError(f"tune: scheduler.grace_period ({grace}) must be below train.steps ({train['steps']}); "
+                          "a trial can only be stopped before its last step")
+    mode = scheduler.mode or ("min" if scheduler.metric.endswith("loss") else objective_mode)
+    return ASHAScheduler(time_attr="step", metric=scheduler.metric, mode=mode, grace_period=grace,
+                         reduction_factor=scheduler.reduction_factor, max_t=train["steps"] - 1, stop_last_trials=False)
+
+
 def _describe(selection: dict) -> str:
-    return f"p={selection['top_p']}" if "top_p" in selection else f"n={selection['experts_per_layer']}"
+    return f"p={selection['top_p']:.4g}" if "top_p" in selection else f"n={selection['experts_per_layer']}"
+
+
+def _status(result, values: dict) -> str:
+    if result.error:
+        lines = [line for line in str(result.error).strip().splitlines() if line.strip("=-_ ")] or ["unknown error"]
+        return "failed: " + lines[-1][:80]
+    if not values.get("evaluated"):
+        return f"stopped early at step {values.get('step')}" if values.get("step") else "stopped early"
+    return f"same selection as {values['duplicate_of']}" if values.get("duplicate_of") else "trained"
 
 
 def summary_rows(results, metric: str) -> list[dict]:
@@ -273,11 +593,10 @@ def summary_rows(results, metric: str) -> list[dict]:
         config, values = result.config, result.metrics or {}
         rows.append({
             "trial": values.get("trial_id") or Path(result.path).name, "score_function": config["selection"]["score_function"],
-            "setting": _describe(config["selection"]), "lr": config.get("lr"), "shared": config.get("train_shared_experts"),
-            "experts": values.get("selected_experts"), "metric": values.get(metric), "objective": values.get("objective"),
-            "general_loss": values.get("general_loss"), "valid_loss": values.get("valid_loss"),
-            "status": "failed: " + str(result.error).strip().splitlines()[-1][:80] if result.error
-            else (f"same selection as {values['duplicate_of']}" if values.get("duplicate_of") else "trained"),
+            "setting": _describe(config["selection"]), "selection": config["selection"], "lr": config.get("lr"), "shared": config.get("train_shared_experts"),
+            "experts": values.get("selected_experts"), "metric": values.get(metric) if values.get("evaluated") else None,
+            "objective": values.get("objective"), "general_loss": values.get("general_loss"),
+            "valid_loss": values.get("valid_loss"), "status": _status(result, values),
             "work_dir": values.get("work_dir"), "trial_id": values.get("trial_id"),
         })
     return rows
@@ -285,13 +604,13 @@ def summary_rows(results, metric: str) -> list[dict]:
 
 def summary_markdown(rows: list[dict], metric: str, registered: dict | None) -> str:
     def cell(value) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
+        return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
 
-    lines = [f"| trial | score fn | setting | lr | experts | {metric} | objective | general loss | valid loss | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['trial']} | {r['score_function']} | {r['setting']} | {cell(r['lr']) or 'default'} | {cell(r['experts'])} | "
-              f"{cell(r['metric'])} | {cell(r['objective'])} | {cell(r['general_loss'])} | {cell(r['valid_loss'])} | {r['status']} |"
-              for r in rows]
+    lines = [f"| trial | score fn | setting | lr | shared | experts | {metric} | objective | general loss | valid loss | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['trial']} | {r['score_function']} | {r['setting']} | {cell(r['lr']) or 'default'} | {cell(r['shared'])} | "
+              f"{cell(r['experts'])} | {cell(r['metric'])} | {cell(r['objective'])} | {cell(r['general_loss'])} | "
+              f"{cell(r['valid_loss'])} | {r['status']} |" for r in rows]
     if registered:
         lines += ["", (f"Registered: `models:/{registered['name']}/{registered['version']}` (champion alias "
                       f"{'moved to it' if registered['champion'] else 'kept on the better earlier version'}); "
@@ -300,7 +619,9 @@ def summary_markdown(rows: list[dict], metric: str, registered: dict | None) -> 
 
 
 def _best(rows: list[dict], mode: str) -> dict | None:
-    finished = [r for r in rows if r["objective"] is not None and math.isfinite(r["objective"]) and not r["status"].startswith("failed")]
+    """The best evaluated trial (early-stopped and failed ones never qualify)."""
+    finished = [r for r in rows if r["objective"] is not None and math.isfinite(r["objective"])
+                and (r["status"] == "trained" or r["status"].startswith("same selection"))]
     if not finished:
         return None
     sign = -1 if mode == "max" else 1
@@ -320,8 +641,8 @@ def _register_best(best: dict, tracker, config: SweepConfig, metric: str, mode: 
     model_id, model_tags = log_models(client, run_id, adapter, base_model, tokenizer, ModelLogging.from_settings(config.register),
                                       config.trust_remote_code)
     tags = {"base_model": base_model, "family": adapter_summary(adapter)["family"], "task": task,
-            "score_function": best["score_function"], "selection": best["setting"], "top_p": best["setting"].removeprefix("p="),
-            "selected_experts": str(best["experts"]), "sweep": config.name, **model_tags}
+            "score_function": best["score_function"], "selection": best["setting"],
+            "top_p": str(best["selection"].get("top_p")), "selected_experts": str(best["experts"]), "sweep": config.name, **model_tags}
     registration = register_version(client, config.register.get("model_name") or config.name, model_id, run_id, metric,
                                     float(best["metric"]), tags, tracker.tracking_uri, higher_is_better=mode == "max")
     return asdict(registration)
@@ -340,6 +661,22 @@ def _sweep_state(run: Path, fingerprint: str, restart: bool) -> dict:
         state = {}
     state["fingerprint"] = fingerprint
     return state
+
+
+def _tune_config(config: SweepConfig, train: dict, mode: str):
+    """Grid (every point once) or searcher proposals, with or without early stopping. A scheduler and a
+    searcher carry their own metric (validation loss per step vs the final objective), so Tune's own
+    metric is set only for a plain grid."""
+    from ray import tune
+
+    searcher, scheduler = config.searcher_config(), config.scheduler_config()
+    return tune.TuneConfig(
+        search_alg=make_searcher(searcher, mode) if searcher else None,
+        scheduler=make_scheduler(scheduler, train, mode) if scheduler else None,
+        num_samples=searcher.num_samples if searcher else 1,
+        max_concurrent_trials=int(config.max_concurrent_trials),
+        **({} if searcher or scheduler else {"metric": "objective", "mode": mode}),
+    )
 
 
 def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
@@ -362,7 +699,13 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     train_cfg.validate()
     eval_cfg.validate()
     metric, mode, weight = config.objective_spec(eval_cfg.metric)
-    state = _sweep_state(run, _hash({**asdict(config), "run_dir": None}), restart)
+    train = {k: v for k, v in asdict(train_cfg).items() if k not in ("out", "expert_config", "resume")}
+    # Every validation step is a checkpoint and a Train report, so it reaches Tune (a scheduler stops trials
+    # there) and a trial stopped at it can be continued.
+    train["eval_every"] = min(train["eval_every"], train["steps"])
+    train["save_every"] = train["eval_every"]
+    tune_config = _tune_config(config, train, mode)  # settings errors before any work
+    state = _sweep_state(run, config.fingerprint(), restart)
 
     ensure_ray()
     profile_dir = cached_profile(profile_cfg, run)
@@ -371,30 +714,31 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     scores = ExpertScores.load(profile_dir / SCORES_FILENAME)
     data_hash = _hash([content_hash(inputs["train_data"]), content_hash(inputs["eval_data"])])
     tracking_uri = config.register.get("tracking_uri") or default_tracking_uri(run)
+    searched = {"searcher": json.dumps(asdict(config.searcher_config()))} if config.searcher else {"search": json.dumps(asdict(config.space()))}
+    if config.scheduler:
+        searched["scheduler"] = json.dumps(asdict(config.scheduler_config()))
     state["parent_run_id"] = start_parent_run(tracking_uri, "esft-sweeps", artifact_root(tracking_uri, run), config.name,
-                                              {"base_model": inputs["model"], "data_hash": data_hash, "objective": metric,
-                                               "search": json.dumps(asdict(config.space()))}, state.get("parent_run_id"))
+                                              {"base_model": inputs["model"], "data_hash": data_hash, "objective": metric, **searched},
+                                              state.get("parent_run_id"))
     atomic_write_text(run / "sweep.json", json.dumps(state, indent=1))
     tracker = SweepTracker(tracking_uri, state["parent_run_id"], inputs["model"], data_hash)
 
     setup = {"run_dir": str(run), "profile_dir": str(profile_dir), "num_experts": scores.num_experts, "objective": [metric, mode, weight],
-             "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("out", "expert_config", "resume")},
-             "eval": {k: v for k, v in asdict(eval_cfg).items() if k not in ("out", "adapter")}}
-    # The trial itself only drives: Ray Train's workers and the evaluation replicas ask for the
-    # CPUs/GPUs, so a trial holding none of them cannot starve its own training run.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 64 * 1024**2})
+             "train": train, "eval": {k: v for k, v in asdict(eval_cfg).items() if k not in ("out", "adapter")}}
+    trainable = sweep_trainable(setup)
     experiment = run / "ray" / EXPERIMENT
     if tune.Tuner.can_restore(experiment):
-        log.info("tune: resuming the sweep in %s (finished trials are kept)", experiment)
+        log.info("tune: resuming the sweep in %s (finished trials and the searcher's state are kept)", experiment)
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable)
     else:
         tuner = tune.Tuner(
-            trainable, param_space=_param_space(config.space()),
-            tune_config=tune.TuneConfig(metric="objective", mode=mode, max_concurrent_trials=int(config.max_concurrent_trials)),
+            trainable, param_space={} if config.searcher else _param_space(config.space()), tune_config=tune_config,
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run / "ray"), callbacks=[tracker],
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
+    started = time.perf_counter()
     results = tuner.fit()
+    fit_seconds = time.perf_counter() - started
     rows = summary_rows(results, metric)
     best = _best(rows, mode)
     registered = None
@@ -405,10 +749,12 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     atomic_write_text(run / "sweep_summary.md", markdown)
     atomic_write_text(run / "sweep_summary.json", json.dumps({"rows": rows, "best": best, "registered": registered}, indent=1, default=str))
     failed = sum(r["status"].startswith("failed") for r in rows)
+    stopped = sum(r["status"].startswith("stopped early") for r in rows)
     finish_parent_run(tracking_uri, state["parent_run_id"], {f"best_{metric}": best["metric"] if best else float("nan"),
-                      "trials": len(rows), "failed_trials": failed}, [run / "sweep_summary.md"], "FINISHED" if best else "FAILED")
+                      "trials": len(rows), "failed_trials": failed, "early_stopped_trials": stopped, "fit_seconds": fit_seconds},
+                      [run / "sweep_summary.md"], "FINISHED" if best else "FAILED")
     print(markdown, flush=True)
-    log.info("tune: %d trials (%d failed); profile %s; MLflow UI: mlflow ui --backend-store-uri %s", len(rows), failed, profile_dir, tracking_uri)
+    log.info("tune: %d trials (%d stopped early, %d failed) in %.0f s; profile %s; MLflow UI: mlflow ui --backend-store-uri %s",
+             len(rows), stopped, failed, fit_seconds, profile_dir, tracking_uri)
     return {"rows": rows, "best": best, "registered": registered, "profile_dir": str(profile_dir), "tracking_uri": tracking_uri,
-            "parent_run_id": state["parent_run_id"]}
-
+            "parent_run_id": state["parent_run_id"], "fit_seconds": fit_seconds}

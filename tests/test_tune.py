@@ -1,5 +1,7 @@
 """`esft tune`: a 2x2 sweep on a tiny model: MLflow parent + nested runs, one profile, a duplicate
-selection not retrained, the registry entry, a driver that dies and resumes, a failed trial."""
+selection not retrained, the registry entry, a driver that dies and resumes, a failed trial; ASHA stopping
+a trial early from its forwarded validation steps; Optuna's proposals and a searcher that survives a dead
+driver."""
 
 from __future__ import annotations
 
@@ -167,3 +169,173 @@ def test_sweep_config_errors_are_clear(assets, tmp_path):
     unknown = sweep_yaml(assets, tmp_path / "unknown", objective={"metrik": "numeric"})
     assert esft(["tune", "--config", str(unknown)]) == 2
     assert not (tmp_path / "bad").exists() and not (tmp_path / "empty").exists()
+    both = sweep_yaml(assets, tmp_path / "both", searcher={"num_samples": 2})  # sweep_yaml gives a grid
+    assert esft(["tune", "--config", str(both)]) == 2
+    for searcher in ({"token_top_p": [0.5, 0.1]}, {"gate_top_p": [0.1, 1.5]}, {"kinds": ["tokens"]}, {"num_samples": 0},
+                     {"lr": [0, 0.1]}, {"algorithm": "hyperopt"}):
+        bad = sweep_yaml(assets, tmp_path / "searcher", searcher=searcher)
+        config = yaml.safe_load(bad.read_text())
+        config.pop("search")
+        bad.write_text(yaml.safe_dump(config))
+        assert esft(["tune", "--config", str(bad)]) == 2, searcher
+    for scheduler in ({"metric": "numeric"}, {"reduction_factor": 1}, {"grace_period": 0}, {"algorithm": "pbt"}, {"metric": "objective"}):
+        assert esft(["tune", "--config", str(sweep_yaml(assets, tmp_path / "scheduler", scheduler=scheduler))]) == 2, scheduler
+    late = sweep_yaml(assets, tmp_path / "late", scheduler={"grace_period": 4})  # train.steps is 4: nothing could be stopped
+    assert esft(["tune", "--config", str(late)]) == 2
+    assert not (tmp_path / "searcher").exists() and not (tmp_path / "scheduler").exists()
+
+
+def test_shipped_sweep_configs_build_their_search():
+    from pipeline.config import build_config, read_yaml
+    from pipeline.tune import SweepConfig, _tune_config
+
+    grid = build_config(SweepConfig, read_yaml(ROOT / "configs" / "sweep.yaml"), {})
+    grid.validate()
+    assert grid.searcher_config() is None and grid.scheduler_config() is None and len(grid.space().selections()) == 8
+    asha = build_config(SweepConfig, read_yaml(ROOT / "configs" / "sweep_asha.yaml"), {})
+    asha.validate()
+    assert asha.searcher_config().num_samples >= 6 and asha.max_concurrent_trials * asha.train["workers"] <= 2  # a 2-core machine
+    tune_config = _tune_config(asha, {**asha.train, "save_every": asha.train["eval_every"]}, "max")
+    assert tune_config.scheduler.metric == "valid_loss" and tune_config.search_alg.metric == "objective"
+
+
+def test_optuna_proposals_stay_inside_the_declared_ranges(tmp_path):
+    from pipeline.tune import SearcherConfig, make_searcher
+
+    config = SearcherConfig(num_samples=16, startup_trials=4, seed=1, kinds=["token", "gate", "token_budget", "gate_budget"],
+                            token_top_p=[0.1, 0.6], gate_top_p=[0.02, 0.2], experts_per_layer=[2, 5], lr=[1e-4, 1e-2],
+                            train_shared_experts=[False, True])
+    config.validate()
+    searcher = make_searcher(config, mode="max")
+    searcher.set_search_properties(None, None, {})
+    seen = []
+    for index in range(config.num_samples):
+        if index == 8:  # the searcher's state survives a save and restore (what a resumed sweep relies on)
+            searcher.save(str(tmp_path / "searcher.pkl"))
+            searcher = make_searcher(config, mode="max")
+            searcher.restore(str(tmp_path / "searcher.pkl"))
+            assert len(searcher._ot_study.trials) == 8
+        proposal = searcher.suggest(str(index))
+        selection = proposal["selection"]
+        if "top_p" in selection:
+            low, high = getattr(config, f"{selection['score_function']}_top_p")
+            assert low <= selection["top_p"] <= high
+            assert proposal["kind"] == selection["score_function"]
+        else:
+            assert 2 <= selection["experts_per_layer"] <= 5 and isinstance(selection["experts_per_layer"], int)
+            assert proposal["kind"] == f"{selection['score_function']}_budget"
+        assert 1e-4 <= proposal["lr"] <= 1e-2 and proposal["train_shared_experts"] in (False, True)
+        seen.append(proposal)
+        searcher.on_trial_result(str(index), {"objective": None, "training_iteration": 1})  # a step without the objective
+        # stopped early (pruned) or finished with an objective that prefers small token top-p
+        done = {"objective": 1.0 - selection.get("top_p", 0.5)} if index % 3 else {"objective": None}
+        searcher.on_trial_complete(str(index), done)
+    assert {p["kind"] for p in seen} == set(config.kinds)
+    states = [t.state.name for t in searcher._ot_study.trials]
+    assert states.count("PRUNED") == 6 and states.count("COMPLETE") == 10
+
+
+def _train_actors_left() -> list[str]:
+    """Ray Train / Tune actors still alive: a stopped trial's Train controller and workers, its queues, Ray
+    Train's placement-group cleaner, trial actors. (Read from the GCS: the state API needs the dashboard,
+    which these tests do not start.)"""
+    from ray._private.state import actors
+
+    kinds = ("TrainController", "RayTrainWorker", "_QueueActor", "PlacementGroupCleaner", "run_trial")
+    return [a["ActorClassName"] for a in actors().values() if a["State"] != "DEAD" and a["ActorClassName"].endswith(kinds)]
+
+
+def test_asha_stops_a_falling_behind_trial_cleanly(assets, tmp_path, fresh_ray, monkeypatch):
+    import time
+
+    import ray
+
+    from pipeline.config import build_config, read_yaml
+    from pipeline.tune import SweepConfig, run_sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False)
+    run_dir = tmp_path / "asha"
+    # One selection, two learning rates run one after the other: on this tiny model lr 0.5 learns far faster
+    # than 0.001, so at the rung (step 2 of 4) the second trial's validation loss is behind and ASHA stops it.
+    config = build_config(SweepConfig, read_yaml(sweep_yaml(assets, run_dir, scheduler={"grace_period": 2})), {})
+    config.search = {"token_top_p": [], "gate_top_p": [], "experts_per_layer": [16], "lr": [0.5, 0.001]}
+    summary = run_sweep(config)
+
+    rows = {r["lr"]: r for r in summary["rows"]}
+    assert rows[0.5]["status"] == "trained" and rows[0.001]["status"] == "stopped early at step 2"
+    assert summary["best"]["lr"] == 0.5 and rows[0.001]["metric"] is None
+    stopped_work = Path(rows[0.001]["work_dir"])
+    assert (stopped_work / "train" / "ray" / "train" / "checkpoint_000002").is_dir()  # kept: it could be continued
+    assert not (stopped_work / "result.json").exists()
+
+    client, parents, trials = mlflow_runs(run_dir)
+    by_stop = {t.data.tags.get("esft.early_stopped"): t for t in trials}
+    assert set(by_stop) == {None, "true"} and all(t.info.status == "FINISHED" for t in trials)  # not FAILED / KILLED
+    early, full = by_stop["true"], by_stop[None]
+    assert [m.step for m in client.get_metric_history(early.info.run_id, "loss")] == [1, 2]  # the partial history
+    assert [m.step for m in client.get_metric_history(early.info.run_id, "valid_loss")] == [2]
+    assert [m.step for m in client.get_metric_history(full.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert "adapter" not in {a.path for a in client.list_artifacts(early.info.run_id)}
+    version = client.get_model_version_by_alias("tune-test", "champion")  # only the trial that finished is registered
+    assert version.run_id == full.info.run_id and early.data.params["lr"] == "0.001"
+    assert parents[0].data.metrics["early_stopped_trials"] == 1
+
+    deadline = time.monotonic() + 90  # the stopped trial's Train run: controller, workers, placement group
+    while (_train_actors_left() or any(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values())) \
+            and time.monotonic() < deadline:
+        time.sleep(2)
+    assert _train_actors_left() == []
+    assert [pg["state"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"] == []
+
+
+def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_ray, monkeypatch):
+    import pickle
+
+    import ray
+
+    from pipeline.config import build_config, read_yaml
+    from pipeline.tracking import DRIVER_EXIT_ENV
+    from pipeline.tune import EXPERIMENT, SweepConfig, run_sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "searched"
+    config_file = sweep_yaml(assets, run_dir, scheduler={"grace_period": 2}, register={"enabled": False},
+                             searcher={"num_samples": 3, "startup_trials": 1, "kinds": ["token", "gate_budget"],
+                                       "experts_per_layer": [1, 16], "lr": [1e-4, 1e-2]})
+    config = yaml.safe_load(config_file.read_text())
+    config.pop("search")
+    config_file.write_text(yaml.safe_dump(config))
+    # Both drivers use one local cluster (the dead driver's trials die with its job), started here
+    # without a dashboard: a cold Ray start per driver is what a loaded 2-core machine struggles with.
+    ray.init(num_cpus=2, include_dashboard=False)
+    env = {**os.environ, DRIVER_EXIT_ENV: "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    died = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--config", str(config_file)], check=False, cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert died.returncode == 1, died.stderr[-3000:]
+    _, _, logged_before = mlflow_runs(run_dir)
+    assert len(logged_before) == 1
+    first = logged_before[0].data.tags["esft.trial_id"]
+
+    summary = run_sweep(build_config(SweepConfig, read_yaml(config_file), {}))
+    rows = summary["rows"]
+    assert len(rows) == 3 and first in {r["trial_id"] for r in rows}  # the searcher did not start over
+    assert not any(r["status"].startswith("failed") for r in rows)
+    _, parents, trials = mlflow_runs(run_dir)
+    assert len(parents) == 1 and sorted(t.data.tags["esft.trial_id"] for t in trials) == sorted(r["trial_id"] for r in rows)
+    # The searcher's saved state (Tune keeps it in the experiment directory) holds all three trials, finished or pruned.
+    state_file = sorted((run_dir / "ray" / EXPERIMENT).glob("searcher-state-*.pkl"))[-1]  # named by session start
+    state = pickle.loads(state_file.read_bytes())
+    study = next(v for v in _walk(state) if type(v).__name__ == "Study")
+    assert len(study.trials) == 3 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+
+
+def _walk(value, depth: int = 0):
+    """Every object reachable through dicts, lists and instance attributes (a few levels deep)."""
+    yield value
+    if depth > 4:
+        return
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else \
+        vars(value).values() if hasattr(value, "__dict__") and not isinstance(value, type) else []
+    for child in children:
+        yield from _walk(child, depth + 1)
