@@ -275,8 +275,9 @@ def register_adapter(
 ) -> Registration:
     """Log the adapter and its numbers as an MLflow run with an MLflow Model, register the model as
     a new version of `model_name`, and move the champion alias to it if it beats the current champion.
-    Idempotent: an adapter already registered under `model_name` (same bytes) is not registered
-    again, so a rerun after a crash between registration and the stage marker adds no version."""
+    Idempotent: an adapter already registered under `model_name` (same bytes, same metric value)
+    is not registered again, so a rerun after a crash between registration and the stage marker
+    adds no version; the same adapter evaluated anew (another metric value) is a new version."""
     if metric_name not in metrics or not math.isfinite(float(metrics[metric_name])):
         raise ValueError(f"register: the metric {metric_name!r} to rank versions by is missing or not finite")
     from esft.adapter import adapter_summary
@@ -285,7 +286,7 @@ def register_adapter(
     uri = tracking_uri or default_tracking_uri(run_dir)
     client = mlflow_client(uri)
     digest = adapter_digest(adapter_dir)
-    existing = registered_version_of(client, model_name, digest, uri)
+    existing = registered_version_of(client, model_name, digest, metric_name, float(metrics[metric_name]), uri)
     if existing is not None:
         log.info("register: this adapter is already version %s of %s; not registered again", existing.version, model_name)
         return existing
@@ -322,8 +323,10 @@ def adapter_digest(adapter_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def registered_version_of(client, model_name: str, digest: str, tracking_uri: str) -> Registration | None:
-    """The version of `model_name` already registered from an adapter with this digest, if any."""
+def registered_version_of(client, model_name: str, digest: str, metric_name: str, value: float,
+                          tracking_uri: str) -> Registration | None:
+    """The version of `model_name` already registered from an adapter with this digest and this
+    metric value (the tags register_version writes), if any."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -331,7 +334,8 @@ def registered_version_of(client, model_name: str, digest: str, tracking_uri: st
     except MlflowException:
         return None  # no such registered model yet
     for version in versions:
-        if version.tags.get(ADAPTER_DIGEST_TAG) == digest:
+        tags = version.tags
+        if (tags.get(ADAPTER_DIGEST_TAG), tags.get("metric_name"), tags.get("metric")) == (digest, metric_name, repr(value)):
             try:
                 champion = str(client.get_model_version_by_alias(model_name, CHAMPION).version) == str(version.version)
             except MlflowException:

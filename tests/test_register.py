@@ -306,13 +306,16 @@ def test_no_database_file_is_tracked_by_git():
 
 
 def test_registering_the_same_adapter_again_adds_no_version(registry):
-    # a rerun after a crash between registration and the stage marker registers the same bytes again
+    # a rerun after a crash between registration and the stage marker registers the same bytes
+    # with the same metric again: no new version; evaluated anew (another value), it is a new one
     from mlflow import MlflowClient
 
     store = Path(registry["uri"].removeprefix("sqlite:///")).parent
-    again = register(registry["run_dir"] / "a4", registry["run_dir"], store, 0.7)
-    first_again = register(registry["run_dir"] / "a2", registry["run_dir"], store, 0.5)
-    assert (again.version, again.champion) == ("3", True) and (first_again.version, first_again.champion) == ("1", False)
-    assert again.model_uri == registry["versions"][2].model_uri
+    run_dir = registry["run_dir"]
+    first = register(run_dir / "a4", run_dir, store, 0.7, name="esft-idempotent")
+    again = register(run_dir / "a4", run_dir, store, 0.7, name="esft-idempotent")
+    assert (first.version, again.version) == ("1", "1") and again.champion and again.model_uri == first.model_uri
+    reevaluated = register(run_dir / "a4", run_dir, store, 0.75, name="esft-idempotent")
+    assert reevaluated.version == "2"
     client = MlflowClient(registry["uri"], registry["uri"])
-    assert len(client.search_model_versions("name = 'esft-test'")) == 3
+    assert len(client.search_model_versions("name = 'esft-idempotent'")) == 2

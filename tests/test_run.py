@@ -45,7 +45,8 @@ def test_pipeline_runs_end_to_end_then_skips_and_resumes(tmp_path, caplog):
     again = run_pipeline(quick_config(run_dir))
     assert caplog.text.count("up to date, skipped") == 5  # assets, profile, select, train, baseline
     assert json.loads((run_dir / "eval" / "metrics.json").read_text())["n"] == 64
-    assert again["registered"]["version"] == "2"
+    # evaluation is deterministic, so the register stage meets the same adapter and metric: no second version
+    assert again["registered"]["version"] == "1"
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "deepseek-v2-lite-8gpu.yaml", "deepseek-v2-lite-multinode.yaml"])
