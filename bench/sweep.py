@@ -1,0 +1,128 @@
+"""Search + early stopping vs the grid, on the same budget of trials: Optuna's TPE with ASHA on
+validation loss (configs/sweep_asha.yaml) against the grid (configs/sweep.yaml), on the embedded default.
+
+    python bench/sweep.py                 # both shipped configs, 8 trials each (~25 min on 2 CPU cores)
+    python bench/sweep.py --quick         # a tiny version (2 trials each, a few steps) that checks the script runs
+
+Each round runs both sweeps one after the other in one process and one Ray cluster, in fresh run
+directories that share one profile (the order alternates between rounds); the searcher gets exactly as
+many trials as the grid has points. Measured per sweep: Tune's wall time for all its trials (profiling
+and registration excluded, both are the same for either), the best objective reached (the configs'
+objective: the task metric of the evaluated trials), trials stopped early and selections reused.
+Ratios: wall_time_search_over_grid (goal <= 0.6) and best_objective_search_over_grid (goal >= 1 within
+the grid's noise), means over rounds. Writes bench/results/sweep.json (--quick: runs/bench_sweep/quick.json)
+and prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/profile.py shadows the standard library's `profile` module for scripts run from here.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+
+from pipeline.config import build_config, read_yaml  # noqa: E402
+from pipeline.tune import SweepConfig, run_sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "sweep.json"
+VARIANTS = {"grid": ROOT / "configs" / "sweep.yaml", "search": ROOT / "configs" / "sweep_asha.yaml"}
+# --quick: the same two sweeps shrunk until each trial takes seconds (it checks the script, it measures nothing).
+QUICK = {"profile": {"n_sample_tokens": 1024, "seq_len": 64, "batch_size": 8},
+         "train": {"workers": 1, "steps": 4, "batch_size": 2, "seq_len": 64, "eval_every": 2, "save_every": 2, "eval_rows": 4},
+         "eval": {"max_new_tokens": 8}}
+
+
+def load_variants(quick: bool) -> dict[str, SweepConfig]:
+    configs = {name: build_config(SweepConfig, read_yaml(path), {}, where=str(path)) for name, path in VARIANTS.items()}
+    for config in configs.values():
+        config.register = {**config.register, "enabled": False}  # nothing to register: this compares searches
+        if quick:
+            for section, values in QUICK.items():
+                getattr(config, section).update(values)
+    if quick:
+        configs["grid"].search = {**configs["grid"].search, "token_top_p": [0.2], "gate_top_p": [0.1]}
+        configs["search"].searcher.update(startup_trials=1)
+        configs["search"].scheduler.update(grace_period=2)
+    grid = configs["grid"].space()
+    budget = len(grid.selections()) * max(1, len(grid.lr)) * len(grid.train_shared_experts)
+    configs["search"].searcher["num_samples"] = budget  # the same budget of trials
+    return configs
+
+
+def measure(config: SweepConfig) -> dict:
+    summary = run_sweep(config)
+    rows = summary["rows"]
+    best = summary["best"]
+    return {"fit_seconds": summary["fit_seconds"], "best_objective": best["objective"] if best else None,
+            "best_trial": best and {k: best[k] for k in ("score_function", "setting", "lr", "shared", "experts", "metric")},
+            "trials": len(rows), "stopped_early": sum(r["status"].startswith("stopped early") for r in rows),
+            "reused": sum(r["status"].startswith("same selection") for r in rows),
+            "failed": sum(r["status"].startswith("failed") for r in rows),
+            "rows": [{k: r[k] for k in ("score_function", "setting", "lr", "shared", "experts", "objective", "valid_loss", "status")}
+                     for r in rows]}
+
+
+def mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of both sweeps; the order alternates")
+    parser.add_argument("--quick", action="store_true", help="tiny sweeps: checks the script, measures nothing")
+    parser.add_argument("--out", default="runs/bench_sweep", help="run directories (one per sweep and round)")
+    parser.add_argument("--results", help=f"JSON to write (default {RESULTS.relative_to(ROOT)}; --quick: OUT/quick.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # each sweep keeps its own SQLite store in its run directory
+    out = Path(args.out).resolve()
+    configs = load_variants(args.quick)
+    shared_profiles = out / "profiles"
+    shared_profiles.mkdir(parents=True, exist_ok=True)
+    raw: dict[str, list[dict]] = {"grid": [], "search": []}
+    for round_index in range(args.rounds):
+        order = ["grid", "search"] if round_index % 2 == 0 else ["search", "grid"]
+        for name in order:
+            config = configs[name]
+            run = out / ("quick" if args.quick else "full") / f"round{round_index}-{name}"
+            config.run_dir = str(run)
+            if run.exists():
+                shutil.rmtree(run)  # a fresh sweep, never a resumed one
+            run.mkdir(parents=True)
+            if not (run / "profiles").exists():
+                (run / "profiles").symlink_to(shared_profiles)  # one profile for every sweep (its cache key is the same)
+            raw[name].append({"round": round_index, **measure(config)})
+    grid_time, search_time = mean([r["fit_seconds"] for r in raw["grid"]]), mean([r["fit_seconds"] for r in raw["search"]])
+    grid_best, search_best = mean([r["best_objective"] for r in raw["grid"]]), mean([r["best_objective"] for r in raw["search"]])
+    both = grid_best is not None and search_best is not None
+    summary = {
+        "ratios": {"wall_time_search_over_grid": search_time / grid_time,
+                   "best_objective_search_over_grid": search_best / grid_best if both and grid_best else None,
+                   "best_objective_search_minus_grid": search_best - grid_best if both else None},
+        "raw": raw,
+        "config": {"quick": args.quick, "rounds": args.rounds, "trials_each": raw["grid"][0]["trials"],
+                   "grid": str(VARIANTS["grid"].relative_to(ROOT)), "search": str(VARIANTS["search"].relative_to(ROOT)),
+                   "model": configs["grid"].model, "train": configs["grid"].train, "eval": configs["grid"].eval,
+                   "searcher": configs["search"].searcher, "scheduler": configs["search"].scheduler,
+                   "objective": configs["grid"].objective, "max_concurrent_trials": configs["grid"].max_concurrent_trials,
+                   "device": "cpu", "cpus": os.cpu_count()},
+    }
+    results = Path(args.results) if args.results else (out / "quick.json" if args.quick else RESULTS)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
