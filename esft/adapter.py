@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from esft.errors import EsftError
 from esft.families import Family, family_of, fused_expert_params, join_expert, moe_layers, num_experts, split_expert
 from esft.io import atomic_directory
 from esft.select import CONFIG_FILENAME, ExpertConfig, load_expert_config
@@ -30,7 +31,7 @@ WEIGHTS_FILENAME = "model.safetensors"
 ADAPTER_FORMAT = "esft-adapter/1"
 
 
-class AdapterError(ValueError):
+class AdapterError(EsftError):
     """An adapter does not match the model it is applied to, or cannot be read."""
 
 
@@ -140,7 +141,7 @@ def check_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[ExpertConf
         raise AdapterError(f"adapter {adapter_dir} is for {metadata['num_experts']} experts per layer; this model has {E}")
     try:
         validate_expert_config(model, config)
-    except ValueError as error:
+    except EsftError as error:  # SelectionError, UnsupportedModelError; a bug keeps its own type
         raise AdapterError(f"adapter {adapter_dir}: {error}") from error
     params = dict(model.named_parameters())
     expected = _expected_shapes(model, family, config)

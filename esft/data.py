@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from esft.errors import EsftError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -61,8 +63,9 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-class DataError(ValueError):
-    """A training file or row does not have the expected format; the message says where."""
+class DataError(EsftError):
+    """A training file or row does not have the expected format, or the tokenizer cannot format it;
+    the message says where."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class TokenizedSample:
     labels: list[int]
 
     def __post_init__(self) -> None:
-        if len(self.input_ids) != len(self.labels):
+        if len(self.input_ids) != len(self.labels):  # a formatter's bug, not bad input: plain ValueError
             raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
 
 
@@ -281,7 +284,7 @@ def format_reference(conversation: Conversation, tokenizer: PreTrainedTokenizerB
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
-        raise ValueError(
+        raise DataError(
             f"the reference template needs BOS and EOS tokens; this tokenizer has bos_token_id={bos}, "
             f"eos_token_id={eos} (set them, or use template='chat')"
         )
@@ -298,7 +301,7 @@ def format_chat_template(conversation: Conversation, tokenizer: PreTrainedTokeni
     later one is added cannot be labelled this way and raise DataError.
     """
     if not tokenizer.chat_template:
-        raise ValueError("this tokenizer has no chat template; use template='reference' or set tokenizer.chat_template")
+        raise DataError("this tokenizer has no chat template; use template='reference' or set tokenizer.chat_template")
     messages = [{"role": m.role, "content": m.content.strip()} for m in conversation.messages]
     input_ids: list[int] = []
     labels: list[int] = []
@@ -338,7 +341,7 @@ def tokenize_conversations(
 ) -> Iterator[TokenizedSample]:
     """Lazily format conversations with `template` ("reference" or "chat")."""
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+        raise EsftError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
     formatter = format_reference if template == "reference" else format_chat_template
     for conversation in conversations:
         yield formatter(conversation, tokenizer)
@@ -473,9 +476,9 @@ def _padded_row(input_ids: list[int], labels: list[int], seq_length: int, pad_id
 
 def _check_packing_args(seq_length: int, random_concat_ratio: float) -> None:
     if seq_length < 1:
-        raise ValueError(f"seq_length must be positive, got {seq_length}")
+        raise EsftError(f"seq_length must be positive, got {seq_length}")
     if not 0.0 <= random_concat_ratio <= 1.0:
-        raise ValueError(f"random_concat_ratio must be in [0, 1], got {random_concat_ratio}")
+        raise EsftError(f"random_concat_ratio must be in [0, 1], got {random_concat_ratio}")
 
 
 def pack_samples(
@@ -501,7 +504,7 @@ def pack_samples(
 
 def collate_rows(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
     """Stack rows into a batch of int64 tensors of shape (len(rows), seq_length)."""
-    if not rows:
+    if not rows:  # a caller's bug (batches are slices of non-empty row lists): plain ValueError
         raise ValueError("cannot collate an empty batch")
     return {
         "input_ids": torch.tensor([row.input_ids for row in rows], dtype=torch.long),

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from esft.errors import EsftError
+
 # A function that maps router logits [T, E] (plus the router module) to the (weights, ids) [T, K]
 # the router returns; only for families whose routing is a pure function of the logits.
 RoutingFn = Callable[[torch.Tensor, nn.Module], tuple[torch.Tensor, torch.Tensor]]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(EsftError):
     """The model is not a supported Mixture-of-Experts causal LM."""
 
 

@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from esft.errors import EsftError
 
-class OutputError(ValueError):
+
+class OutputError(EsftError):
     """An output path that cannot be written: it exists (without overwrite), has the wrong kind, or
     lies in a read-only or unwritable directory."""
 

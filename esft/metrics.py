@@ -12,6 +12,8 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
+from esft.errors import EsftError
+
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
@@ -63,7 +65,7 @@ def _json_candidate(prediction: str) -> str:
 def _slot_set(slots: object) -> set[tuple[str, str]]:
     """Slots normalised identically on both sides (the reference strips spaces from predictions
     only, which can fail a correct prediction): values as strings without spaces, lists sorted."""
-    if not isinstance(slots, dict):
+    if not isinstance(slots, dict):  # caught by intent_match: the prediction scores 0
         raise ValueError("slots must be an object")
 
     def norm(value: object) -> str:
@@ -131,8 +133,8 @@ def score(predictions: Sequence[str], answers: Sequence[Sequence[str]], metrics:
     """Mean per-sample metrics and corpus metrics over cleaned predictions."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    if not predictions or len(predictions) != len(answers):
+        raise EsftError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    if not predictions or len(predictions) != len(answers):  # a caller's bug: plain ValueError
         raise ValueError(f"need one non-empty answer list per prediction ({len(predictions)} predictions, {len(answers)} answer lists)")
     cleaned = [clean_prediction(p) for p in predictions]
     results = {}

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from esft.errors import EsftError
 from esft.families import FAMILIES, UnsupportedModelError, family_of, fused_expert_params, moe_layers, num_experts, top_k
 from esft.tiny import FAMILIES as TINY_FAMILIES
 from esft.tiny import tiny_model
@@ -29,12 +30,12 @@ def load_model(
     if name_or_path.startswith(TINY_PREFIX):
         family = name_or_path[len(TINY_PREFIX):]
         if family not in TINY_FAMILIES:
-            raise ValueError(f"unknown tiny model {name_or_path!r}; use tiny:<family> with one of {', '.join(TINY_FAMILIES)}")
+            raise UnsupportedModelError(f"unknown tiny model {name_or_path!r}; use tiny:<family> with one of {', '.join(TINY_FAMILIES)}")
         model = tiny_model(family, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype])
         model.config._name_or_path = name_or_path
     else:
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+            raise EsftError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         check_model_source(name_or_path, trust_remote_code, revision)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -45,8 +46,8 @@ def load_model(
                 device_map=device_map,
                 **({"revision": revision} if revision else {}),
             )
-        except OSError as error:
-            raise ValueError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error
+        except (OSError, ValueError) as error:  # ValueError: e.g. custom code without trust_remote_code
+            raise EsftError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error
     moe_layers(model)  # raises a clear error for unsupported or dense models
     return model
 
@@ -58,12 +59,12 @@ def check_model_source(name_or_path: str, trust_remote_code: bool = False, revis
     ESFT would not support an unknown family anyway). Reads only config.json."""
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
     if looks_local and not Path(name_or_path).expanduser().exists():  # a hub id is NAME or ORG/NAME
-        raise ValueError(f"no model directory at {name_or_path}; give an existing model directory "
-                         "or a hub id such as deepseek-ai/DeepSeek-V2-Lite")
+        raise EsftError(f"no model directory at {name_or_path}; give an existing model directory "
+                        "or a hub id such as deepseek-ai/DeepSeek-V2-Lite")
     try:
         config, _ = PretrainedConfig.get_config_dict(name_or_path, **({"revision": revision} if revision else {}))
-    except OSError as error:
-        raise ValueError(f"cannot load model config {name_or_path!r}: {str(error).splitlines()[0]}") from error
+    except (OSError, ValueError) as error:  # ValueError: transformers' own checks of the name
+        raise EsftError(f"cannot load model config {name_or_path!r}: {str(error).splitlines()[0]}") from error
     model_type = config.get("model_type")
     custom_code = trust_remote_code and "auto_map" in config
     if isinstance(model_type, str) and model_type not in CONFIG_MAPPING and not custom_code:
@@ -79,8 +80,8 @@ def load_skeleton(name_or_path: str, trust_remote_code: bool = False) -> nn.Modu
     check_model_source(name_or_path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise ValueError(f"cannot load model config {name_or_path!r}: {str(error).splitlines()[0]}") from error
+    except (OSError, ValueError) as error:  # ValueError: custom code without trust_remote_code, no model_type
+        raise EsftError(f"cannot load model config {name_or_path!r}: {str(error).splitlines()[0]}") from error
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

@@ -52,7 +52,8 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def rounding_tolerance(dtype: torch.dtype, reduction: int) -> Tolerance:
     """Tolerance for outputs of `dtype` computed by sums of up to `reduction` terms, when two
-    kernels may add them in different orders (see the module docstring for the derivation)."""
+    kernels may add them in different orders (see the module docstring for the derivation).
+    Wrong arguments are a caller's bug, not user input: plain ValueError."""
     if not dtype.is_floating_point:
         raise ValueError(f"rounding tolerance is for floating-point dtypes, not {dtype}; compare integers exactly")
     if reduction < 1:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esft.errors import EsftError
 from esft.families import family_of, moe_layers, num_experts, top_k
 from esft.io import atomic_write_text
 from esft.routing import routing_hooks, run_decoder
@@ -41,7 +42,7 @@ SCORE_FUNCTIONS: tuple[str, ...] = ("token", "gate")
 AVERAGINGS: tuple[str, ...] = ("token", "sequence")
 
 
-class ScoresError(ValueError):
+class ScoresError(EsftError):
     """A scores file or scores object is invalid or incompatible."""
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from esft.errors import EsftError
 from esft.io import atomic_write_text
 from esft.scores import (
     SCORE_FUNCTIONS, SCORES_FILENAME, SUMMARY_FILENAME, Averaging, ExpertScores, ScoresError, is_score_value, layer_score_dict,
@@ -23,7 +24,7 @@ from esft.scores import (
 CONFIG_FILENAME = "expert_cfg.json"
 
 
-class SelectionError(ValueError):
+class SelectionError(EsftError):
     """Invalid selection parameters or an invalid expert config."""
 
 

@@ -10,6 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from esft.families import UnsupportedModelError
+
 _COMMON = dict(
     vocab_size=1000,
     hidden_size=64,
@@ -62,7 +64,7 @@ FAMILIES = tuple(TINY_OVERRIDES)
 def tiny_config(family: str, **overrides) -> PretrainedConfig:
     """A tiny config of `family`; keyword overrides win (e.g. hidden_size=256 for benchmarks)."""
     if family not in TINY_OVERRIDES:
-        raise ValueError(f"no tiny config for family {family!r}; known: {', '.join(FAMILIES)}")
+        raise UnsupportedModelError(f"no tiny config for family {family!r}; known: {', '.join(FAMILIES)}")
     kwargs = {**_COMMON, **TINY_OVERRIDES[family], **overrides}
     if family == "deepseek_v3":
         kwargs.pop("topk_method", None)

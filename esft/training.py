@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from esft.data import DataError
+from esft.errors import EsftError
+
 PAPER_LR = {"esft": 1e-5, "fft": 3e-5, "lora": 1e-4}
 PAPER_BETAS = (0.9, 0.95)
 PAPER_WEIGHT_DECAY = 0.1
@@ -16,7 +19,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = PAPER_WEIG
     """AdamW over the trainable parameters only, so no state is allocated for frozen ones."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters; apply an expert config first")
+        raise EsftError("the model has no trainable parameters; apply an expert config first")
     # The fused kernel does the whole update in one pass (CPU and CUDA, fp32/bf16/fp16).
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=PAPER_BETAS, weight_decay=weight_decay, fused=fused)
@@ -48,5 +51,5 @@ def mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float
             total += float(loss) * n
             tokens += n
     if tokens == 0:
-        raise ValueError("no loss tokens in the evaluation batches")
+        raise DataError("no loss tokens in the evaluation batches")
     return total / tokens

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from esft.errors import EsftError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(EsftError):
     """A checkpoint file holds something other than tensors and plain training state."""
 
 

@@ -21,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from esft.errors import EsftError
 from esft.io import check_output
 
 log = logging.getLogger("esft")
@@ -88,7 +89,7 @@ def _copy_tokenizer(model: str, out: Path, trust_remote_code: bool) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # none to copy (tiny:<family>, custom code); weights still merge
         log.info("no tokenizer found for %s; the merged directory holds weights and config only", model)
         return
     tokenizer.save_pretrained(out)
@@ -179,8 +180,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         try:
             ablation = json.loads(Path(args.ablation).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"pretrain: cannot read the ablation table {args.ablation} ({error}); "
-                             "write it with `python bench/pretrain_ablation.py`") from error
+            raise EsftError(f"pretrain: cannot read the ablation table {args.ablation} ({error}); "
+                            "write it with `python bench/pretrain_ablation.py`") from error
     pretrain(recipe, out, overwrite=args.overwrite, ablation=ablation)
     return 0
 
@@ -355,15 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors that name a path the user gave (missing, in the way, of the wrong kind, not permitted);
+# other OSErrors (a full disk, a lost mount) keep their traceback.
+PATH_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    # Input errors: the checks raise ValueError subclasses (ConfigError, DataError, AdapterError,
-    # OutputError, ...) or FileExistsError / FileNotFoundError for paths. Other types (OSError,
-    # RuntimeError, ...) are bugs or environment failures and keep their traceback.
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    # Input errors are EsftError (esft/errors.py: ConfigError, DataError, AdapterError, OutputError,
+    # ...; third-party errors caused by input are re-raised as one of them) or an OSError about a
+    # path. Everything else, a plain ValueError from numpy or torch included, is a bug or an
+    # environment failure and keeps its traceback.
+    except (EsftError, *PATH_ERRORS) as error:
         print(f"esft: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outputs are written atomically, so a rerun starts clean

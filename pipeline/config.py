@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from esft.errors import EsftError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(EsftError):
     """A config file or value is invalid."""
 
 

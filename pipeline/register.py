@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from esft.errors import EsftError
+from pipeline.config import ConfigError
 from pipeline.serving import (
     ADAPTER_ARTIFACT,
     AUTO_LOG_LIMIT_MB,
@@ -82,8 +84,6 @@ class ModelLogging:
 
 def check_register_settings(settings: dict, known: set[str], where: str) -> None:
     """Unknown keys and bad values of a `register:` section fail before any work."""
-    from pipeline.config import ConfigError
-
     allowed = known | {f.name for f in fields(ModelLogging)}
     unknown = set(settings) - allowed
     if unknown:
@@ -112,11 +112,11 @@ def registry_tracking_uri(tracking_uri: str | None) -> str:
     MLflow's default (a new mlflow.db in the current directory), and never a new empty database."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise ValueError("no MLflow tracking URI for the registry; pass --tracking-uri (e.g. sqlite:///$PWD/runs/sweep/mlflow.db) "
-                         "or set MLFLOW_TRACKING_URI")
+        raise ConfigError("no MLflow tracking URI for the registry; pass --tracking-uri (e.g. sqlite:///$PWD/runs/sweep/mlflow.db) "
+                          "or set MLFLOW_TRACKING_URI")
     database = _sqlite_path(uri)
     if database is not None and not database.exists():
-        raise ValueError(f"no MLflow database at {database.resolve()} (tracking URI {uri}); give the run's sqlite:///.../mlflow.db")
+        raise ConfigError(f"no MLflow database at {database.resolve()} (tracking URI {uri}); give the run's sqlite:///.../mlflow.db")
     return uri
 
 
@@ -279,7 +279,7 @@ def register_adapter(
     is not registered again, so a rerun after a crash between registration and the stage marker
     adds no version; the same adapter evaluated anew (another metric value) is a new version."""
     if metric_name not in metrics or not math.isfinite(float(metrics[metric_name])):
-        raise ValueError(f"register: the metric {metric_name!r} to rank versions by is missing or not finite")
+        raise EsftError(f"register: the metric {metric_name!r} to rank versions by is missing or not finite")
     from esft.adapter import adapter_summary
 
     base = base_model or tags.get("base_model") or adapter_summary(adapter_dir)["base_model"]
@@ -421,11 +421,11 @@ def _version_of(client, model_uri: str, tracking_uri: str):
     if not alias:
         name, _, version = name.partition("/")
     if not model_uri.startswith("models:/") or not name or not (alias or version):
-        raise ValueError(f"{model_uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise EsftError(f"{model_uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:
-        raise ValueError(f"{model_uri} is not in the registry at {tracking_uri}: {error.message.splitlines()[0]}") from error
+        raise EsftError(f"{model_uri} is not in the registry at {tracking_uri}: {error.message.splitlines()[0]}") from error
 
 
 def load_registered_model(model_uri: str, tracking_uri: str | None = None, base_model: str | None = None) -> LoadedESFT:
@@ -442,7 +442,7 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None, base_
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
         except Exception as error:  # a moved or deleted artifact store
-            raise ValueError(f"cannot fetch the files of {model_uri} from {source}: {str(error).splitlines()[0]}") from error
+            raise EsftError(f"cannot fetch the files of {model_uri} from {source}: {str(error).splitlines()[0]}") from error
         if (local / "MLmodel").exists():
             return _load_logged_model(local, model_uri, base_model)
         return _load_legacy_adapter(local, version, model_uri, base_model)
@@ -455,7 +455,7 @@ def _load_logged_model(local: Path, model_uri: str, base_model: str | None) -> L
     flavor = Model.load(str(local / "MLmodel")).flavors.get(FLAVOR_NAME) or {}
     config = dict(flavor.get(MODEL_CONFIG) or {})
     if config.get("format") != SERVING_FORMAT:
-        raise ValueError(f"{model_uri} is an MLflow model but not an ESFT one; load it with mlflow.pyfunc.load_model")
+        raise EsftError(f"{model_uri} is an MLflow model but not an ESFT one; load it with mlflow.pyfunc.load_model")
     if base_model:
         config["base_model_path"] = base_model
     artifacts = {name: str(local / info["path"]) for name, info in (flavor.get("artifacts") or {}).items()}
@@ -469,12 +469,12 @@ def _load_legacy_adapter(local: Path, version, model_uri: str, base_model: str |
     from esft.select import CONFIG_FILENAME
 
     if not (local / CONFIG_FILENAME).exists():
-        raise ValueError(f"{model_uri} is neither an ESFT MLflow model nor an ESFT adapter (no MLmodel, no {CONFIG_FILENAME})")
+        raise EsftError(f"{model_uri} is neither an ESFT MLflow model nor an ESFT adapter (no MLmodel, no {CONFIG_FILENAME})")
     base = base_model or version.tags.get("base_model") or adapter_summary(local)["base_model"]
     if base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().is_dir():
-        raise ValueError(f"{model_uri} is a bare adapter registered by an older esft on the base model {base}, which is not on "
-                         "this machine; pass a copy with --base-model DIR (load_registered(..., base_model=DIR)), or register it "
-                         "again with this esft so the base model travels with it")
+        raise EsftError(f"{model_uri} is a bare adapter registered by an older esft on the base model {base}, which is not on "
+                        "this machine; pass a copy with --base-model DIR (load_registered(..., base_model=DIR)), or register it "
+                        "again with this esft so the base model travels with it")
     return load_esft_model(local, base)
 
 
@@ -495,6 +495,10 @@ def generate_text(model: str, prompt: str, tracking_uri: str | None = None, max_
 
         from esft.model import load_model
 
-        loaded = LoadedESFT(load_model(model, trust_remote_code=trust_remote_code).eval(),
-                            AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code), model)
+        weights = load_model(model, trust_remote_code=trust_remote_code).eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:  # no tokenizer files; custom code without trust_remote_code
+            raise EsftError(f"cannot load the tokenizer of {model!r}: {str(error).splitlines()[0]}") from error
+        loaded = LoadedESFT(weights, tokenizer, model)
     return answer_prompts(loaded, [prompt], max_new_tokens=max_new_tokens)[0]

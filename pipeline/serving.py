@@ -30,6 +30,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from esft.errors import EsftError
+
 # Names of the artifacts inside the logged MLflow model.
 ADAPTER_ARTIFACT, BASE_ARTIFACT, TOKENIZER_ARTIFACT = "adapter", "base_model", "tokenizer"
 # How the base model travels with a version.
@@ -128,16 +130,16 @@ def hub_revision(hub_id: str, cache_dir: str | None = None) -> str | None:
 def plan_base(base_model: str, log_base_model: str = "auto", limit_mb: float = AUTO_LOG_LIMIT_MB) -> tuple[dict, Path | None]:
     """(ServingConfig fields describing the base model, directory to log with the version or None)."""
     if log_base_model not in LOG_BASE_CHOICES:
-        raise ValueError(f"register: log_base_model must be one of {', '.join(LOG_BASE_CHOICES)}, not {log_base_model!r}")
+        raise EsftError(f"register: log_base_model must be one of {', '.join(LOG_BASE_CHOICES)}, not {log_base_model!r}")
     local = Path(base_model).expanduser()
     if not local.is_dir():
         if base_model.startswith(("/", "./", "../", "~")):
-            raise ValueError(f"register: the base model directory {base_model} does not exist")
+            raise EsftError(f"register: the base model directory {base_model} does not exist")
         return {"base_model": base_model, "base_source": BASE_HUB, "base_revision": hub_revision(base_model)}, None
     local = local.resolve()
     files = model_files(local)
     if not any(p.suffix == ".safetensors" for p in files):
-        raise ValueError(f"register: {local} holds no safetensors weights; save the base model with save_pretrained")
+        raise EsftError(f"register: {local} holds no safetensors weights; save the base model with save_pretrained")
     size_mb = sum(p.stat().st_size for p in files) / 1024**2
     logged = log_base_model == "always" or (log_base_model == "auto" and size_mb <= limit_mb)
     fields = {"base_model": str(local), "base_source": BASE_LOGGED if logged else BASE_LOCAL, "base_fingerprint": fingerprint(local)}
@@ -172,7 +174,7 @@ def resolve_base(config: ServingConfig, artifacts: dict[str, str]) -> tuple[str,
     if override:
         path = Path(override).expanduser()
         if not path.is_dir():
-            raise ValueError(f"base_model_path {path} is not a directory; give a local copy of {config.base_model}")
+            raise EsftError(f"base_model_path {path} is not a directory; give a local copy of {config.base_model}")
     elif config.base_source == BASE_HUB:
         return config.base_model, config.base_revision
     elif config.base_source == BASE_LOGGED:
@@ -180,14 +182,14 @@ def resolve_base(config: ServingConfig, artifacts: dict[str, str]) -> tuple[str,
     else:
         path = Path(config.base_model)
         if not path.is_dir():
-            raise ValueError(f"the base model of this version, {config.base_model} (fingerprint {config.base_fingerprint}), "
-                             "was not logged with it and is not on this machine; copy the same model there, or "
-                             + _how_to_point_at_a_copy())
+            raise EsftError(f"the base model of this version, {config.base_model} (fingerprint {config.base_fingerprint}), "
+                            "was not logged with it and is not on this machine; copy the same model there, or "
+                            + _how_to_point_at_a_copy())
     if config.base_fingerprint:
         found = fingerprint(path)
         if found != config.base_fingerprint:
-            raise ValueError(f"{path} is not the base model this version was trained on ({config.base_model}): its fingerprint is "
-                             f"{found}, expected {config.base_fingerprint}; " + _how_to_point_at_a_copy())
+            raise EsftError(f"{path} is not the base model this version was trained on ({config.base_model}): its fingerprint is "
+                            f"{found}, expected {config.base_fingerprint}; " + _how_to_point_at_a_copy())
     return str(path), None
 
 
@@ -205,8 +207,8 @@ def load_esft_model(adapter_dir: str | Path, base: str, revision: str | None = N
     extra = {"revision": revision} if revision and not tokenizer else {}
     try:
         loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code, **extra)
-    except OSError as error:
-        raise ValueError(f"cannot load the tokenizer {tokenizer_source!r}: {str(error).splitlines()[0]}") from error
+    except (OSError, ValueError) as error:  # ValueError: custom code without trust_remote_code
+        raise EsftError(f"cannot load the tokenizer {tokenizer_source!r}: {str(error).splitlines()[0]}") from error
     return LoadedESFT(model.eval(), loaded_tokenizer, base)
 
 
@@ -214,7 +216,7 @@ def load_from_artifacts(artifacts: dict[str, str], model_config: dict) -> Loaded
     """The loader of a registered version: its artifacts (local paths) and its model config."""
     config = ServingConfig.from_dict(model_config or {})
     if config.format != SERVING_FORMAT:
-        raise ValueError(f"this model was logged in format {config.format!r}; this esft reads {SERVING_FORMAT!r}")
+        raise EsftError(f"this model was logged in format {config.format!r}; this esft reads {SERVING_FORMAT!r}")
     base, revision = resolve_base(config, artifacts)
     tokenizer = artifacts[TOKENIZER_ARTIFACT] if config.tokenizer_logged else config.tokenizer
     loaded = load_esft_model(artifacts[ADAPTER_ARTIFACT], base, revision, tokenizer, config.trust_remote_code)
@@ -230,7 +232,7 @@ def prompts_of(model_input) -> list[str]:
     if isinstance(model_input, pd.DataFrame):
         if "prompt" not in model_input.columns:
             if len(model_input.columns) != 1:
-                raise ValueError(f"predict: give a DataFrame with a 'prompt' column; got columns {list(model_input.columns)}")
+                raise EsftError(f"predict: give a DataFrame with a 'prompt' column; got columns {list(model_input.columns)}")
             model_input = model_input.rename(columns={model_input.columns[0]: "prompt"})
         prompts = model_input["prompt"].tolist()
     elif isinstance(model_input, dict):
@@ -243,7 +245,7 @@ def prompts_of(model_input) -> list[str]:
     if isinstance(prompts, list):  # a {"prompt": [...]} dict arrives as one row holding the list
         prompts = [q for p in prompts for q in ([p] if isinstance(p, str) else list(p) if isinstance(p, (list, tuple, np.ndarray)) else [p])]
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("predict: every prompt must be a string")
+        raise EsftError("predict: every prompt must be a string")
     return prompts
 
 
@@ -254,7 +256,7 @@ def answer_prompts(loaded: LoadedESFT, prompts: list[str], max_new_tokens: int =
     from esft.generation import generate_batch
 
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("predict: max_new_tokens and batch_size must be positive integers")
+        raise EsftError("predict: max_new_tokens and batch_size must be positive integers")
     formatted = [PROMPT_USER.format(input=p.strip()) + PROMPT_ASSISTANT for p in prompts]
     answers: list[str] = []
     for start in range(0, len(formatted), batch_size):

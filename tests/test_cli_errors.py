@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from esft.data import DataError
+from esft.errors import EsftError
 from esft.tiny import tiny_model
 from pipeline.cli import main as esft
 from tests.conftest import save_model_with_tokenizer, write_jsonl
@@ -218,6 +220,57 @@ def test_an_out_under_a_file_is_refused(tmp_path, capsys, command):
     assert esft(WRITERS[command](tmp_path, blocker)) == 2
     assert f"{blocker} is a file, not a directory" in one_error_line(capsys)
     assert blocker.read_text() == "user data"
+
+
+# --- the boundary: user errors are one line, bugs keep their traceback ------------------------------
+
+def _raising(error: BaseException):
+    def command(args):
+        raise error
+
+    return command
+
+
+@pytest.mark.parametrize("error", [
+    pytest.param(lambda: EsftError("the input is wrong; fix it like this"), id="EsftError"),
+    pytest.param(lambda: DataError("train.jsonl:3: the input is wrong; fix it like this"), id="a subclass"),
+    pytest.param(lambda: PermissionError(13, "Permission denied", "/the/input"), id="PermissionError"),
+    pytest.param(lambda: NotADirectoryError(20, "Not a directory", "/the/input"), id="NotADirectoryError"),
+    pytest.param(lambda: IsADirectoryError(21, "Is a directory", "/the/input"), id="IsADirectoryError"),
+])
+def test_a_user_error_from_a_command_is_one_line(tmp_path, capsys, monkeypatch, error):
+    raised = error()
+    monkeypatch.setattr("pipeline.cli.cmd_select", _raising(raised))
+    assert esft(_select(tmp_path, tmp_path / "cfg.json")) == 2
+    assert one_error_line(capsys) == f"esft: error: {raised}"
+
+
+@pytest.mark.parametrize("error", [
+    pytest.param(lambda: ValueError("boom"), id="ValueError"),  # numpy, torch, the standard library: a bug
+    pytest.param(lambda: OSError(28, "No space left on device"), id="OSError"),  # the environment, not an input
+    pytest.param(lambda: RuntimeError("boom"), id="RuntimeError"),
+])
+def test_any_other_error_keeps_its_traceback(tmp_path, capsys, monkeypatch, error):
+    raised = error()
+    monkeypatch.setattr("pipeline.cli.cmd_select", _raising(raised))
+    with pytest.raises(type(raised)) as caught:
+        esft(_select(tmp_path, tmp_path / "cfg.json"))
+    assert caught.value is raised
+    assert "esft: error" not in capsys.readouterr().err
+
+
+def test_every_project_error_is_an_esft_error_and_a_value_error():
+    from esft.adapter import AdapterError
+    from esft.families import UnsupportedModelError
+    from esft.io import OutputError
+    from esft.scores import ScoresError
+    from esft.select import SelectionError
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError
+
+    for cls in (AdapterError, CheckpointError, ConfigError, DataError, OutputError, ScoresError, SelectionError,
+                UnsupportedModelError):
+        assert issubclass(cls, EsftError) and issubclass(cls, ValueError), cls
 
 
 # --- Ctrl-C at the CLI boundary -------------------------------------------------------------------
