@@ -396,10 +396,12 @@ def _run_train_reporting_to_tune(train_cfg, context: dict) -> dict:
     """run_train with every Train report (one per validation step in a sweep) forwarded to this Tune trial."""
     from ray.util.queue import Queue
 
+    from pipeline.train import run_train
+
     _LIVE_TRAIN_RUN.update(handoff=Queue(actor_options={"num_cpus": 0}), aborted=False)
     callbacks = [ValidationToTune(context, _LIVE_TRAIN_RUN["handoff"])]
     try:
-        return _run_train_with_callbacks(train_cfg, callbacks)
+        return run_train(train_cfg, callbacks=callbacks)
     except Exception:
         if _LIVE_TRAIN_RUN.get("aborted"):
             raise _StoppedByTune() from None
@@ -410,32 +412,6 @@ def _run_train_reporting_to_tune(train_cfg, context: dict) -> dict:
 
 class _StoppedByTune(Exception):
     """The Train run was aborted because Tune stopped the trial (the trial ends quietly)."""
-
-
-def _run_train_with_callbacks(train_cfg, callbacks: list) -> dict:
-    import inspect
-
-    from ray.train import RunConfig
-
-    from pipeline.train import run_train
-
-    if "callbacks" in inspect.signature(run_train).parameters:
-        return run_train(train_cfg, callbacks=callbacks)
-    # Until run_train takes Ray Train callbacks itself: the RunConfig it builds for this run directory gets
-    # them, in this trial's process only. (The class keeps its identity: Ray pickles it by reference.)
-    storage = str(Path(train_cfg.out).resolve() / "ray")
-    original = RunConfig.__post_init__
-
-    def post_init(run_config):
-        original(run_config)
-        if str(run_config.storage_path) == storage:
-            run_config.callbacks = [*(run_config.callbacks or []), *callbacks]
-
-    RunConfig.__post_init__ = post_init
-    try:
-        return run_train(train_cfg)
-    finally:
-        RunConfig.__post_init__ = original
 
 
 def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict, lr: float | None, context: dict) -> dict:
