@@ -31,13 +31,39 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Scalar settings are checked against their field's annotation as the file gives them, so that
+# `lr: fast` or `steps: [1, 2]` is an error naming the setting before any work, not a worker's traceback.
+SCALAR_KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+                "str": ((str,), "a string")}
+
+
+def checked_value(name: str, annotation: Any, value: Any, where: str) -> Any:
+    """`value` of setting `name` if it fits its scalar annotation (a float field also takes a
+    number written as text: PyYAML reads `1e-5` as a string); other annotations pass through."""
+    annotation = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    base = annotation.removesuffix(" | None")
+    if base not in SCALAR_KINDS or (value is None and base != annotation):
+        return value
+    types, kind = SCALAR_KINDS[base]
+    if base == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, types) and (base == "bool" or not isinstance(value, bool)):
+        return float(value) if base == "float" else value
+    raise ConfigError(f"{where}: {name} must be {kind}, got {value!r}")
+
+
 def build_config(cls: type[T], file_values: dict[str, Any], overrides: dict[str, Any], where: str = "config") -> T:
-    """`cls` from file values, then overrides (None means 'not given'); unknown keys are errors."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(file_values) - fields)
+    """`cls` from file values, then overrides (None means 'not given'); unknown keys and scalar
+    values of the wrong type are errors."""
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file_values) - set(annotations))
     if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None and k in fields}}
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(annotations))}")
+    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None and k in annotations}}
+    values = {k: checked_value(k, annotations[k], v, where) for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as error:

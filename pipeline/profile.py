@@ -38,6 +38,7 @@ import numpy as np
 from esft.io import atomic_directory, atomic_write_text
 from esft.report import concentration_markdown, concentration_table, overlap, save_heatmaps
 from esft.scores import SCORES_FILENAME, SUMMARY_FILENAME, ExpertScores, RowSums, ScoresError, add_rows
+from pipeline.cluster import largest_node_cpus
 from pipeline.config import ConfigError
 from pipeline.data import Source, check_readable, packed_dataset, resolve_source, unique_task_names
 
@@ -146,12 +147,17 @@ def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: floa
             f"{replicas} replicas x {gpus_per_replica} GPUs need {replicas * gpus_per_replica:g} GPUs; the cluster "
             f"has {gpus:g} GPUs (lower --replicas or --gpus-per-replica, or add GPU nodes)"
         )
+    largest_node = largest_node_cpus()
     if cpus_per_replica is not None:
         per_replica = cpus_per_replica
     elif gpus_per_replica > 0:
         per_replica = 1.0
     else:  # CPU replicas: leave one CPU for reading and packing, or the stream starves (ARCHITECTURE §6)
-        per_replica = max(0.25, (cpus - 1) / replicas)
+        # and never ask for more than one node has: a replica is one process on one node.
+        per_replica = min(max(0.25, (cpus - 1) / replicas), largest_node)
+    if per_replica > largest_node + 1e-9:
+        raise ConfigError(f"a replica x {per_replica:g} CPUs does not fit on any node of the Ray cluster (the largest has "
+                          f"{largest_node:g} CPUs); lower --cpus-per-replica")
     # Ray does not refuse a pool larger than the cluster: the stream waits for CPUs forever (and a
     # pool holding every CPU starves the read tasks), so refuse here, before any model is loaded.
     needed = replicas * per_replica + reading_cpus

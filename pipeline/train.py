@@ -39,6 +39,7 @@ import numpy as np
 
 from esft.io import atomic_directory, atomic_write_text
 from esft.training import PAPER_GRAD_CLIP, PAPER_LR
+from pipeline.cluster import check_visible_from_every_node, largest_node_cpus
 from pipeline.config import ConfigError
 from pipeline.deepspeed_config import load_deepspeed_config
 from pipeline.profile import ensure_ray
@@ -147,6 +148,9 @@ def _check_cluster(config: TrainConfig) -> None:
     if resources.get("CPU", 0) < config.workers * config.cpus_per_worker:
         raise ConfigError(f"train: {config.workers} workers x {config.cpus_per_worker} CPUs asked, the cluster has "
                           f"{resources.get('CPU', 0):g} CPUs; lower --workers")
+    if config.cpus_per_worker > largest_node_cpus():
+        raise ConfigError(f"train: a worker x {config.cpus_per_worker} CPUs does not fit on any node of the Ray cluster "
+                          f"(the largest has {largest_node_cpus():g} CPUs); lower cpus_per_worker")
 
 
 def _validate_model(config: TrainConfig):
@@ -167,8 +171,9 @@ def _validate_model(config: TrainConfig):
     return None
 
 
-def run_train(config: TrainConfig) -> dict:
-    """Validate, prepare data, train on Ray, export the result into --out. Returns the metrics."""
+def run_train(config: TrainConfig, callbacks: list | None = None) -> dict:
+    """Validate, prepare data, train on Ray, export the result into --out. Returns the metrics.
+    `callbacks`: Ray Train callbacks for this run (a sweep forwards every report to its Tune trial)."""
     config.validate()
     out = Path(config.out).resolve()
     if out.exists() and any(out.iterdir()) and not config.resume:
@@ -195,8 +200,9 @@ def run_train(config: TrainConfig) -> dict:
     ensure_ray()
     if config.cpus_per_worker is None:
         cpus = ray.cluster_resources().get("CPU", 1)
-        config.cpus_per_worker = 1 if config.use_gpu else max(1, int(cpus // config.workers))
+        config.cpus_per_worker = 1 if config.use_gpu else max(1, min(int(cpus // config.workers), int(largest_node_cpus())))
     _check_cluster(config)
+    check_visible_from_every_node(out, "train: the run directory")  # checkpoints cross nodes
     loop_config = {"train": asdict(config), "data": {k: ray.put(v) for k, v in data.items()}}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -209,6 +215,7 @@ def run_train(config: TrainConfig) -> dict:
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _worker_env(config)},
+            callbacks=callbacks,
         ),
     )
     started = time.perf_counter()

@@ -324,10 +324,17 @@ def test_training_restores_the_callers_sigint_handler(interrupted):
 
 # --- more replicas or workers than the cluster has: refused, not a silent hang ----------------------
 
+def fake_cluster(monkeypatch, cpus_per_node: list[float]) -> None:
+    """What Ray reports for a cluster of these nodes (no Ray started)."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(sum(cpus_per_node))})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": f"node{i}", "Alive": True, "NodeManagerAddress": "10.0.0.1",
+                                                "Resources": {"CPU": float(c)}} for i, c in enumerate(cpus_per_node)])
+
+
 @pytest.fixture
 def two_cpu_cluster(monkeypatch):
-    ray = pytest.importorskip("ray")
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    fake_cluster(monkeypatch, [2])
 
 
 def test_profile_replicas_must_fit_beside_the_readers(two_cpu_cluster):
@@ -352,3 +359,56 @@ def test_train_workers_must_fit_the_cluster(two_cpu_cluster):
     with pytest.raises(ConfigError, match=r"8 workers x 1 CPUs asked, the cluster has 2 CPUs; lower --workers"):
         _check_cluster(TrainConfig(model="m", data="d", out="o", workers=8, cpus_per_worker=1))
     _check_cluster(TrainConfig(model="m", data="d", out="o", workers=2, cpus_per_worker=1))
+
+
+def test_a_replica_or_worker_never_asks_for_more_than_one_node_has(monkeypatch):
+    """Three one-CPU nodes: 3 CPUs in all, but a process runs on one node; asking for 2 CPUs would
+    wait for a node that never comes."""
+    from pipeline.config import ConfigError
+    from pipeline.profile import placement_for
+    from pipeline.train import TrainConfig, _check_cluster
+
+    fake_cluster(monkeypatch, [1, 1, 1])
+    assert placement_for(1, 0.0, None, threads=1)["num_cpus"] == 1  # (3 - 1 reading) / 1 = 2, capped to a node's 1
+    with pytest.raises(ConfigError, match=r"a replica x 2 CPUs does not fit on any node .*largest has 1 CPUs"):
+        placement_for(1, 0.0, 2.0)
+    with pytest.raises(ConfigError, match=r"a worker x 2 CPUs does not fit on any node .*largest has 1 CPUs"):
+        _check_cluster(TrainConfig(model="m", data="d", out="o", workers=1, cpus_per_worker=2))
+
+
+# --- YAML values of the wrong type: the setting named, before any work ---------------------------
+
+TYPE_CASES = {
+    "lr: fast": ("train", {"lr": "fast"}, "lr must be a number, got 'fast'"),
+    "steps: forty": ("train", {"steps": "forty"}, "steps must be an integer, got 'forty'"),
+    "batch_size: [1, 2]": ("train", {"batch_size": [1, 2]}, "batch_size must be an integer, got [1, 2]"),
+    "steps: true": ("train", {"steps": True}, "steps must be an integer, got True"),
+    "seq_len: 64.5": ("profile", {"seq_len": 64.5}, "seq_len must be an integer, got 64.5"),
+    "max_new_tokens: lots": ("eval", {"max_new_tokens": "lots"}, "max_new_tokens must be an integer, got 'lots'"),
+}
+
+
+@pytest.mark.parametrize("case", TYPE_CASES)
+def test_a_setting_of_the_wrong_type_is_named(tmp_path, capsys, case):
+    import yaml
+
+    command, values, message = TYPE_CASES[case]
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(values))
+    out = tmp_path / "out"
+    assert esft([command, "--config", str(config), "--model", "tiny:deepseek_v2", "--out", str(out)]) == 2
+    assert f"{config}: {message}" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_float_written_as_yaml_reads_it_is_a_number():
+    """PyYAML reads `1e-5` (no dot) as a string; a float setting takes it as the number it is."""
+    import yaml
+
+    from pipeline.config import build_config
+    from pipeline.train import TrainConfig
+
+    values = yaml.safe_load("lr: 1e-5\nvalidation_fraction: 0.1\n")
+    assert values["lr"] == "1e-5"
+    config = build_config(TrainConfig, values, {}, where="train.yaml")
+    assert config.lr == 1e-5 and isinstance(config.lr, float) and config.validation_fraction == 0.1
