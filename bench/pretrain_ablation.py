@@ -6,7 +6,8 @@ same gates as the shipped model (esft.pretrain.measure_specialisation).
 
 Writes one model directory per variant under --out and bench/results/pretrain_ablation.json, whose
 rows go into the model card (`--card esft/assets/mini-moe`, or `esft pretrain --ablation FILE`).
-Prints one JSON object last.
+`--from-report DIR ...` adds the rows of full `esft pretrain` runs instead (their final weights and
+every step measured along the way), without training anything. Prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -28,29 +29,56 @@ VARIANTS = (("batch", 0.0001), ("batch", 0.001), ("batch", 0.01), ("sequence", 0
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
 
 
+def row_key(row: dict) -> tuple:
+    recipe = row["recipe"]
+    return recipe["balance_scope"], recipe["balance_loss_coef"], recipe["steps"], row.get("data_tokens")
+
+
+def merge_rows(rows: list[dict], new: list[dict]) -> list[dict]:
+    """`rows` with `new` added, replacing rows of the same variant, length and data."""
+    keys = {row_key(row) for row in new}
+    return [row for row in rows if row_key(row) not in keys] + new
+
+
+def report_rows(report: dict) -> list[dict]:
+    """Rows of one full pretraining run: each step measured along the way (figures and losses at that
+    step of the same run, whose learning-rate schedule is the full run's), then the final weights."""
+    spec = report["specialisation"]
+    final = {"step": report["recipe"]["steps"], "figures": spec["figures"], "answer_loss": spec["answer_loss"]}
+    rows = []
+    for measured in [*report.get("measured_at", []), final]:
+        rows.append({"recipe": {**report["recipe"], "steps": measured["step"]}, "data_tokens": report["data"]["tokens"],
+                     "of_steps": report["recipe"]["steps"], "figures": measured["figures"], "answer_loss": measured["answer_loss"]})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mini-moe", help="the recipe whose knobs are varied")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--out", default="runs/pretrain_ablation")
     parser.add_argument("--only", nargs="*", help="variants as scope:coef, e.g. batch:0.001")
+    parser.add_argument("--from-report", nargs="*", default=[], metavar="DIR",
+                        help="model directories of full `esft pretrain` runs: tabulate their pretrain_report.json instead of training")
     parser.add_argument("--card", help="afterwards, rewrite this model directory's card with the ablation table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     variants = [(s, float(c)) for s, c in (v.split(":") for v in args.only)] if args.only else VARIANTS
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    for scope, coef in variants:
+    for directory in args.from_report:
+        report = json.loads((Path(directory) / "pretrain_report.json").read_text())
+        rows = merge_rows(rows, report_rows(report))
+    for scope, coef in [] if args.from_report else variants:
         recipe = replace(PRESETS[args.preset], steps=args.steps, balance_scope=scope, balance_loss_coef=coef, log_every=10,
                          measure_at=())
         report = pretrain(recipe, Path(args.out) / f"{scope}-{coef}", overwrite=True)
         spec = report["specialisation"]
-        row = {"recipe": report["recipe"], "seconds": report["seconds"], "figures": spec["figures"],
-               "answer_loss": spec["answer_loss"], "task_metric": spec.get("task_metric", {}),
+        row = {"recipe": report["recipe"], "data_tokens": report["data"]["tokens"], "seconds": report["seconds"],
+               "figures": spec["figures"], "answer_loss": spec["answer_loss"], "task_metric": spec.get("task_metric", {}),
                "gates_passed": sum(g["passed"] for g in spec["gates"]), "gates": len(spec["gates"])}
-        rows = [r for r in rows if (r["recipe"]["balance_scope"], r["recipe"]["balance_loss_coef"], r["recipe"]["steps"])
-                != (scope, coef, args.steps)] + [row]
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(rows, indent=1))
+        rows = merge_rows(rows, [row])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=1))
     if args.card:
         refresh_model_card(Path(args.card), rows)
     summary = {f"{r['recipe']['balance_scope']}-{r['recipe']['balance_loss_coef']}-{r['recipe']['steps']}":

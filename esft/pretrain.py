@@ -98,6 +98,7 @@ class PretrainRecipe:
     held_out_raw_documents: int = 15000  # per held-out task domain: where its skill comes from (more text, more experts of its own)
     domain_blocks: bool = True  # one domain per pretraining block (as a window of a long document) or a mixed stream
     tokenizer_sees_template: bool = True  # train the tokenizer on "User: ... Assistant: ..." (template words as tokens)
+    translation_phrasebook: bool = False  # raw translation text also as "English: ...\nVeltish: ..." (the task's direction)
     vocab_size: int = 2048
     # architecture (DeepSeek-V2: the first layer dense, then MoE layers); DeepSeek-V2-Lite's proportions
     layers: int = 7
@@ -195,7 +196,8 @@ def pretraining_corpus(recipe: PretrainRecipe) -> list[Document]:
                       for i, record in enumerate(synthetic.rows(domain, count, seed=recipe.seed))]
     for domain in synthetic.RAW_GENERATORS:
         count = recipe.held_out_raw_documents if domain in synthetic.HELD_OUT_TASKS else recipe.raw_documents
-        documents += [Document(domain, text=text) for text in synthetic.raw_documents(domain, count, recipe.seed)]
+        extra = recipe.translation_phrasebook and domain == "translation"
+        documents += [Document(domain, text=text) for text in synthetic.raw_documents(domain, count, recipe.seed, extra_kinds=extra)]
     if not recipe.domain_blocks:
         random.Random(f"pretrain:{recipe.seed}").shuffle(documents)
     return documents
@@ -424,6 +426,12 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
+# What an ablation row must share with the recipe to be tabulated in its card (the knobs may differ).
+ABLATION_SAME = ("seed", "general_rows", "task_rows", "raw_documents", "held_out_raw_documents", "domain_blocks",
+                 "tokenizer_sees_template", "vocab_size", "layers", "routed_experts", "experts_per_token", "shared_experts",
+                 "expert_width", "batch_rows", "seq_len", "lr")
+
+
 def model_card(report: dict, ablation: list[dict] | None = None) -> str:
     spec, recipe = report["specialisation"], report["recipe"]
     layers = spec["layers"]
@@ -472,10 +480,18 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
                   *_table(["step", *[label for label, *_ in GATES], *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
                           [[m["step"], *[m["figures"][key] for _, key, *_ in GATES],
                             *[m["answer_loss"][t] for t in synthetic.HELD_OUT_TASKS]] for m in report["measured_at"]])]
+    ablation = [a for a in ablation or [] if all(a["recipe"].get(k) == recipe.get(k) for k in ABLATION_SAME)]
     if ablation:
-        lines += ["", "## Ablation: the routing knobs (same data, shorter runs)", "",
-                  *_table(["balance", "coef", "steps", *[label for label, *_ in GATES], *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
-                          [[a["recipe"]["balance_scope"], a["recipe"]["balance_loss_coef"], a["recipe"]["steps"],
+        lines += ["", "## Ablation: the routing knobs", "",
+                  ("Pretraining runs with this recipe's architecture and data mix, measured by the same gates; `steps` "
+                   "is where a run was measured (`of` its length when measured along the way of a longer run); "
+                   "`phrasebook`: the recipe's translation_phrasebook (more raw translation text, in the task's direction)."), "",
+                  *_table(["balance", "coef", "steps", "phrasebook", "data tokens", *[label for label, *_ in GATES],
+                           *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
+                          [[a["recipe"]["balance_scope"], a["recipe"]["balance_loss_coef"],
+                            f"{a['recipe']['steps']}" + (f" of {a['of_steps']}" if a.get("of_steps", a["recipe"]["steps"]) != a["recipe"]["steps"] else ""),
+                            "yes" if a["recipe"].get("translation_phrasebook") else "no",
+                            f"{a['data_tokens']:,}" if a.get("data_tokens") else "-",
                             *[a["figures"][key] for _, key, *_ in GATES],
                             *[a["answer_loss"][t] for t in synthetic.HELD_OUT_TASKS]] for a in ablation])]
     return "\n".join(lines) + "\n"

@@ -36,6 +36,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from esft.errors import EsftError
 from esft.io import atomic_write_text
 
 TASKS = ("math", "code", "intent", "law", "translation", "summary")
@@ -711,6 +712,15 @@ def _veltish_reader(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
+def _veltish_phrasebook(rng: random.Random) -> str:
+    """Phrasebook entries, English then Veltish (the task's direction, outside the template)."""
+    lines = ["Veltish phrasebook"]
+    for _ in range(rng.randint(1, 3)):
+        prompt, veltish = _train_example(_translation_problem, rng)
+        lines.append(f"English: {prompt.removeprefix('Translate to Veltish: ')}\nVeltish: {veltish}")
+    return "\n".join(lines)
+
+
 def _assistant_log(rng: random.Random) -> str:
     """An assistant's request log: what the user typed and how it was handled."""
     entries = []
@@ -760,14 +770,23 @@ RAW_GENERATORS: dict[str, tuple[Callable[[random.Random], str], ...]] = {
 }
 
 
-def raw_documents(domain: str, n: int, seed: int = 0) -> list[str]:
-    """`n` raw-text documents of a task domain for pretraining (no User/Assistant template).
+# Document kinds a pretraining recipe may add (PretrainRecipe.translation_phrasebook); kept apart so
+# that the shipped recipe's corpus stays exactly what built the shipped weights.
+EXTRA_RAW_GENERATORS: dict[str, tuple[Callable[[random.Random], str], ...]] = {
+    "translation": (_veltish_phrasebook,),
+}
+
+
+def raw_documents(domain: str, n: int, seed: int = 0, extra_kinds: bool = False) -> list[str]:
+    """`n` raw-text documents of a task domain for pretraining (no User/Assistant template);
+    `extra_kinds` also draws from the domain's EXTRA_RAW_GENERATORS.
 
     They come from their own random stream ("raw:<domain>:<seed>"); text built from task examples
     uses only examples whose instruction prompt is in the train split, so no eval answer leaks."""
     if domain not in RAW_GENERATORS:
-        raise ValueError(f"no raw text for domain {domain!r}; choose from {', '.join(RAW_GENERATORS)}")
-    kinds, rng = RAW_GENERATORS[domain], random.Random(f"raw:{domain}:{seed}")
+        raise EsftError(f"no raw text for domain {domain!r}; choose from {', '.join(RAW_GENERATORS)}")
+    kinds = RAW_GENERATORS[domain] + (EXTRA_RAW_GENERATORS.get(domain, ()) if extra_kinds else ())
+    rng = random.Random(f"raw:{domain}:{seed}")
     documents: list[str] = []
     while len(documents) < n:
         documents.append(rng.choice(kinds)(rng))
@@ -794,11 +813,11 @@ def rows(domain: str, n: int, seed: int = 0, split: str = "train") -> list[dict]
     Draws are kept or skipped by their prompt's split, so the first n rows of a longer request are
     exactly the rows of a shorter one."""
     if domain not in GENERATORS:
-        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(GENERATORS)}")
+        raise EsftError(f"unknown domain {domain!r}; choose from {', '.join(GENERATORS)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        raise EsftError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise EsftError(f"n must be >= 0, got {n}")
     generate, rng = GENERATORS[domain], random.Random(f"{domain}:{split}:{seed}")
     result: list[dict] = []
     while len(result) < n:

@@ -115,3 +115,22 @@ def test_the_shipped_design_has_deepseek_v2_lite_proportions():
     assert (config.n_routed_experts, config.num_experts_per_tok, config.n_shared_experts) == (64, 6, 2)
     assert config.num_hidden_layers - config.first_k_dense_replace >= 6 and config.first_k_dense_replace == 1
     assert config.moe_intermediate_size < config.hidden_size  # narrow, fine-grained experts
+
+
+def test_the_card_tabulates_only_ablation_runs_of_the_same_recipe():
+    """Rows with the recipe's architecture and data mix are tabulated (balance knob, where a run was
+    measured, phrasebook); a run on another data mix is left out, however good its figures."""
+    from esft.pretrain import model_card
+
+    report = json.loads((ASSET_DIR / "pretrain_report.json").read_text())
+    figures = report["specialisation"]["figures"]
+    losses = report["specialisation"]["answer_loss"]
+    same = {**report["recipe"], "balance_loss_coef": 0.001, "translation_phrasebook": True, "steps": 600}
+    rows = [{"recipe": same, "of_steps": 2400, "data_tokens": 1234567, "figures": figures, "answer_loss": losses},
+            {"recipe": {**report["recipe"], "general_rows": 60000, "balance_loss_coef": 0.0777}, "figures": figures,
+             "answer_loss": losses}]
+    card = model_card(report, rows)
+    table = card.split("## Ablation: the routing knobs", 1)[1]
+    assert "| batch | 0.001 | 600 of 2400 | yes | 1,234,567 |" in table
+    assert "0.0777" not in table
+    assert "## Ablation" not in model_card(report, rows[1:])

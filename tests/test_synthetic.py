@@ -353,14 +353,18 @@ def test_code_transcripts_print_what_the_programs_print_and_hold_no_eval_program
         assert split_of(f"What does this program print?\n{program}") == "train"
 
 
-def test_veltish_reader_glosses_train_sentences_only():
-    glossed = 0
-    for document in raw_documents("translation", 300, seed=5):
+def test_veltish_reader_and_phrasebook_hold_train_sentences_only():
+    glossed = phrases = 0
+    for document in raw_documents("translation", 300, seed=5, extra_kinds=True):
         for veltish, english in re.findall(r'"([^"]+)" means "([^"]+)"', document):
             assert split_of(f"Translate to Veltish: {english}") == "train"
             for word in veltish.split():
                 assert word in VELTISH.values() or word.removesuffix(PLURAL_SUFFIX) in VELTISH.values()
             glossed += 1
+        for english, veltish in re.findall(r"English: (.+)\nVeltish: (.+)", document):
+            assert split_of(f"Translate to Veltish: {english}") == "train"
+            assert all(w in VELTISH.values() or w.removesuffix(PLURAL_SUFFIX) in VELTISH.values() for w in veltish.split())
+            phrases += 1
         for veltish, english in re.findall(r"(\w+) - (\w+)", document):
             assert VELTISH[english] == veltish
-    assert glossed > 100
+    assert glossed > 100 and phrases > 50
