@@ -35,6 +35,7 @@ def head_node(tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow  # a Ray head node and a submitted job
 def test_profile_stage_runs_as_a_ray_job(head_node, tmp_path):
     corpus = synthetic.rows("math", 40, seed=5)
     model = save_model_with_tokenizer(tmp_path / "model", corpus)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -13,6 +14,7 @@ from esft.select import load_expert_config
 from pipeline.cli import main as esft
 
 
+@pytest.mark.slow  # the whole quickstart on the embedded model
 def test_quickstart_runs_the_core_path(tmp_path):
     out = tmp_path / "run"
     assert esft(["quickstart", "--out", str(out), "--steps", "20"]) == 0

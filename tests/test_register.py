@@ -131,6 +131,7 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.slow  # `mlflow models serve` in a subprocess
 def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
     expected = answer_prompts(load_registered_model("models:/esft-test@champion", registry["uri"]), PROMPTS[:1], max_new_tokens=6)
     port = _free_port()

@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import build_config, read_yaml
 from pipeline.run import PipelineConfig, run_pipeline
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]  # Ray Train runs
 
 
 def quick_config(run_dir) -> PipelineConfig:

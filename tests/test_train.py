@@ -20,7 +20,7 @@ from esft import synthetic
 from pipeline.train import FAULT_ENV, TrainConfig, run_train
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]  # Ray Train runs
 EXPERTS = {"1": [0, 5], "2": [3], "3": [7, 8, 9]}
 
 

@@ -71,6 +71,7 @@ def mlflow_runs(run_dir: Path):
     return client, [r for r in runs if r.data.tags.get("esft.kind") == "sweep"], [r for r in runs if r.data.tags.get("esft.kind") == "trial"]
 
 
+@pytest.mark.slow  # a whole sweep
 def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_path, fresh_ray, monkeypatch):
     from pipeline.config import build_config, read_yaml
     from pipeline.register import generate_text, load_registered
@@ -135,6 +136,7 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
     assert isinstance(text, str)
 
 
+@pytest.mark.slow  # a whole sweep
 def test_a_failing_trial_is_marked_failed_in_mlflow(assets, tmp_path, fresh_ray, monkeypatch):
     import ray
 
@@ -245,6 +247,7 @@ def _train_actors_left() -> list[str]:
     return [a["ActorClassName"] for a in actors().values() if a["State"] != "DEAD" and a["ActorClassName"].endswith(kinds)]
 
 
+@pytest.mark.slow  # a whole sweep
 def test_asha_stops_a_falling_behind_trial_cleanly(assets, tmp_path, fresh_ray, monkeypatch):
     import time
 
@@ -289,6 +292,7 @@ def test_asha_stops_a_falling_behind_trial_cleanly(assets, tmp_path, fresh_ray, 
     assert [pg["state"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"] == []
 
 
+@pytest.mark.slow  # a whole sweep
 def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_ray, monkeypatch):
     import pickle
 

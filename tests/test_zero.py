@@ -17,7 +17,7 @@ from pipeline.data import cached_tokenizer
 from pipeline.train import RUN_NAME, prepare_data, run_train
 from tests.test_train import adapter_tensors, config, make_assets, merged_changing_only_selected_experts
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]  # Ray Train runs
 STEPS, HALF = 4, 2
 RELATIVE = 1e-4  # the same maths, reduced in a different order across the two workers
 
