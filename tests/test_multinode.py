@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from esft import synthetic
 from pipeline.cluster import check_visible_from_every_node, nodes_not_seeing, refuse_blind_nodes, working_nodes
 from pipeline.config import ConfigError
 from pipeline.profile import run_profile
 from pipeline.train import RUN_NAME, run_train
-from tests.conftest import save_model_with_tokenizer, write_jsonl
 from tests.test_profile import config as profile_config
+from tests.test_profile import make_profile_assets
 from tests.test_train import adapter_tensors, make_assets
 from tests.test_train import config as train_config
 
@@ -49,11 +48,10 @@ def cluster(one_node_adapter):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
-    corpus = synthetic.rows("math", 120, seed=1)
-    model_dir = save_model_with_tokenizer(root / "profile-model", corpus)
-    math = write_jsonl(root / "math.jsonl", corpus)
-    make_assets(root)  # the training model, data and expert config (tests/test_train.py)
-    return {"root": root, "model": str(model_dir), "math": str(math)}
+    for part in ("train", "profile"):
+        (root / part).mkdir()
+    make_assets(root / "train")  # the training model, data and expert config (tests/test_train.py)
+    return {**make_profile_assets(root / "profile"), "train": root / "train"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def one_node_adapter(assets, tmp_path_factory):
     ray.init(num_cpus=WORKER_NODES, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         out = tmp_path_factory.mktemp("one-node") / "esft"
-        run_train(train_config(assets["root"], out))
+        run_train(train_config(assets["train"], out))
         return adapter_tensors(out / "adapter")
     finally:
         ray.shutdown()
@@ -113,7 +111,7 @@ def test_profiling_replicas_on_two_nodes_give_the_one_replica_scores(assets, clu
 
 def test_training_workers_on_two_nodes_give_the_one_node_adapter(assets, one_node_adapter, cluster, tmp_path):
     out = tmp_path / "esft"
-    run_train(train_config(assets["root"], out))  # 2 workers x 1 CPU: necessarily two nodes
+    run_train(train_config(assets["train"], out))  # 2 workers x 1 CPU: necessarily two nodes
     assert_same_adapter(one_node_adapter, adapter_tensors(out / "adapter"))
 
 
@@ -123,7 +121,7 @@ def test_a_node_lost_mid_training_resumes_from_its_checkpoint_bit_identical(asse
 
     def train() -> None:
         try:
-            outcome["metrics"] = run_train(train_config(assets["root"], out))
+            outcome["metrics"] = run_train(train_config(assets["train"], out))
         except BaseException as error:  # reported by the assertion below
             outcome["error"] = error
 

@@ -25,8 +25,11 @@ SEQ_LEN, BATCH = 64, 4
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
+    return make_profile_assets(tmp_path_factory.mktemp("profile"))
+
+
+def make_profile_assets(root) -> dict:
     """A tiny DeepSeek-V2 with a tokenizer, saved as a model directory, and two task corpora."""
-    root = tmp_path_factory.mktemp("profile")
     corpus = synthetic.rows("math", 120, seed=1)
     model_dir = save_model_with_tokenizer(root / "model", corpus)
     math = write_jsonl(root / "math.jsonl", corpus)
