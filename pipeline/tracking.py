@@ -5,14 +5,13 @@ the driver, turns each finished, early-stopped or failed trial into a nested MLf
 a scheduler stopped early is a finished run (not FAILED or KILLED: stopping it was the plan) tagged
 `esft.early_stopped=true`, with its per-step history up to the step where it was stopped. A single writer keeps
 the default SQLite store safe however many trials run at once, and a trial's run is looked up by
-its `esft.trial_id` tag first, so a restored sweep never logs a trial twice.
+its `esft.trial_id` tag first, so a trial is never logged twice.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from ray.tune import Callback
@@ -21,7 +20,6 @@ TRIAL_TAG = "esft.trial_id"
 EARLY_STOPPED_TAG = "esft.early_stopped"
 PARENT_TAG = "mlflow.parentRunId"
 STEP_METRICS = ("loss", "valid_loss", "general_loss", "tokens_per_second")
-DRIVER_EXIT_ENV = "ESFT_TUNE_DRIVER_EXIT_AFTER"  # N: the driver dies after logging N trials (resume tests)
 
 
 def start_parent_run(tracking_uri: str, experiment: str, artifact_root: Path | None, sweep_name: str, params: dict,
@@ -68,7 +66,6 @@ class SweepTracker(Callback):
         self.parent_run_id = parent_run_id
         self.base_model = base_model
         self.data_hash = data_hash
-        self.logged = 0  # trials logged by this driver process
 
     def _client(self):
         from mlflow import MlflowClient
@@ -115,9 +112,6 @@ class SweepTracker(Callback):
             self._log_finished(trial, result)
         else:
             self._log_early_stopped(trial, result)
-        self.logged += 1
-        if os.environ.get(DRIVER_EXIT_ENV) and self.logged >= int(os.environ[DRIVER_EXIT_ENV]):
-            os._exit(1)  # resume testing: the driver disappears, as after a crash or a lost head node
 
     def _log_finished(self, trial, result: dict) -> None:
         client, run_id = self._client(), self._new_run(trial)

@@ -13,9 +13,9 @@ one nested run per trial (early-stopped ones tagged `esft.early_stopped=true`, n
 the best trial's adapter as a new version of the registered model (the `champion` alias moves only if it
 beats the current champion) and prints a summary table.
 
-Rerunning the same command after the driver died restores the sweep with Tune: finished trials are kept,
-the searcher keeps what it learnt, unfinished trials run again (their training resumes from its last
-checkpoint).
+Rerunning the same command after the driver died resumes the sweep from its own JSON journal (never from
+Tune's pickled experiment state, see pipeline.sweep_journal): completed trials are kept, the searcher is told
+all of them, interrupted trials run again and their training continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from esft.io import atomic_write_text
 from pipeline.config import ConfigError, build_config
+from pipeline.sweep_journal import JOURNAL, TrialJournal, completed, interrupted, optuna_history, optuna_params, remaining_grid
 
 log = logging.getLogger("esft")
 EXPERIMENT = "tune"  # Tune's experiment directory name under <run_dir>/ray
@@ -466,7 +468,12 @@ def run_trial(params: dict, setup: dict) -> None:
         result_file = work / "result.json"
         if result_file.exists():
             result = json.loads(result_file.read_text())
-            log.info("trial %s: same selection as trial %s, not retrained", trial_id, result["trained_by"])
+            if result["trained_by"] in setup["interrupted_trials"]:
+                # Trained by a trial whose driver died before the trial was reported: this one, its rerun, owns it.
+                result["trained_by"] = trial_id
+                atomic_write_text(result_file, json.dumps(result, indent=1))
+            else:
+                log.info("trial %s: same selection as trial %s, not retrained", trial_id, result["trained_by"])
         else:
             try:
                 trained = _train_and_evaluate(work, expert_config, params["selection"], setup, params["lr"], context)
@@ -484,12 +491,28 @@ def run_trial(params: dict, setup: dict) -> None:
 # ------------------------------------------------------------------------------ search and early stopping
 
 
-def _param_space(space: SearchSpace) -> dict:
-    from ray import tune
+class GridPoints(Searcher):
+    """The grid's points still to run, proposed in order. (Tune's own grid is a cartesian product of its keys,
+    so it cannot leave out the points that a resumed sweep completed earlier.)"""
 
-    return {"selection": tune.grid_search(space.selections()),
-            "lr": tune.grid_search(space.lr or [None]),
-            "train_shared_experts": tune.grid_search(space.train_shared_experts)}
+    def __init__(self, points: list[dict]):
+        super().__init__()
+        self.points = list(points)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # it proposes fixed points: Tune's metric and mode do not change them
+
+    def suggest(self, trial_id: str) -> dict | str:
+        return self.points.pop(0) if self.points else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+
+def grid_points(space: SearchSpace) -> list[dict]:
+    """Every point of the grid as a trial config: each selection x each lr x each train_shared_experts value."""
+    return [{"selection": selection, "lr": lr, "train_shared_experts": shared}
+            for selection in space.selections() for lr in (space.lr or [None]) for shared in space.train_shared_experts]
 
 
 def suggest_trial(trial, searcher: SearcherConfig) -> dict:
@@ -512,15 +535,37 @@ def suggest_trial(trial, searcher: SearcherConfig) -> dict:
 class StepAwareOptunaSearch(OptunaSearch):
     """OptunaSearch, given only the results that measure the objective: a validation step of a trial whose
     objective is an evaluation metric carries objective None, and Optuna hears of the trial at its end
-    (complete, or pruned when it was stopped early)."""
+    (complete, or pruned when it was stopped early).
+
+    A resumed sweep hands it the trials that earlier driver lives completed (`history`: parameters,
+    objective, state), which its study records as if it had proposed them, and the configs of trials that
+    were interrupted (`pending`), which it proposes first."""
+
+    def __init__(self, *args, history: list[tuple[dict, float | None, str]] = (), pending: list[dict] = (), **kwargs):
+        self._history, self._pending = list(history), list(pending)
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode):
+        import optuna
+
+        super()._setup_study(mode)
+        for params, value, state in self._history:
+            # Asked with its parameters fixed, so the define-by-run space itself records their distributions.
+            self._ot_study.enqueue_trial(params)
+            trial = self._ot_study.ask()
+            self._space(trial)
+            self._ot_study.tell(trial, value, state=optuna.trial.TrialState[state])
+        for params in self._pending:
+            self._ot_study.enqueue_trial(params)
 
     def on_trial_result(self, trial_id: str, result: dict):
         if result.get(self.metric) is not None:
             super().on_trial_result(trial_id, result)
 
 
-def make_searcher(searcher: SearcherConfig, mode: str):
-    """Tune's OptunaSearch over `suggest_trial`, with a TPE sampler that starts modelling after a few trials."""
+def make_searcher(searcher: SearcherConfig, mode: str, history=(), pending=()):
+    """Tune's OptunaSearch over `suggest_trial`, with a TPE sampler that starts modelling after a few trials
+    (`history` / `pending`: what a resumed sweep already knows, see StepAwareOptunaSearch)."""
     import warnings
 
     try:
@@ -533,7 +578,7 @@ def make_searcher(searcher: SearcherConfig, mode: str):
         sampler = optuna.samplers.TPESampler(n_startup_trials=searcher.startup_trials, seed=searcher.seed,
                                              multivariate=True, group=True)
     return StepAwareOptunaSearch(space=functools.partial(suggest_trial, searcher=searcher), metric="objective", mode=mode,
-                                  sampler=sampler)
+                                  sampler=sampler, history=history, pending=pending)
 
 
 def make_scheduler(scheduler: SchedulerConfig, train: dict, objective_mode: str):
@@ -554,26 +599,30 @@ def _describe(selection: dict) -> str:
     return f"p={selection['top_p']:.4g}" if "top_p" in selection else f"n={selection['experts_per_layer']}"
 
 
-def _status(result, values: dict) -> str:
-    if result.error:
-        lines = [line for line in str(result.error).strip().splitlines() if line.strip("=-_ ")] or ["unknown error"]
-        return "failed: " + lines[-1][:80]
+def _status(entry: dict) -> str:
+    values = entry["result"]
+    if entry["status"] == "failed":
+        return "failed: " + (entry.get("error") or "unknown error")[:80]
+    if entry["status"] == "running":
+        return "interrupted"
     if not values.get("evaluated"):
         return f"stopped early at step {values.get('step')}" if values.get("step") else "stopped early"
     return f"same selection as {values['duplicate_of']}" if values.get("duplicate_of") else "trained"
 
 
-def summary_rows(results, metric: str) -> list[dict]:
+def summary_rows(entries: list[dict], metric: str) -> list[dict]:
+    """One row per journal entry (pipeline.sweep_journal): every trial of every driver life of the sweep."""
     rows = []
-    for result in results:
-        config, values = result.config, result.metrics or {}
+    for entry in entries:
+        config, values = entry["config"], entry["result"]
         rows.append({
-            "trial": values.get("trial_id") or Path(result.path).name, "score_function": config["selection"]["score_function"],
-            "setting": _describe(config["selection"]), "selection": config["selection"], "lr": config.get("lr"), "shared": config.get("train_shared_experts"),
-            "experts": values.get("selected_experts"), "metric": values.get(metric) if values.get("evaluated") else None,
+            "trial": entry["trial_id"], "score_function": config["selection"]["score_function"],
+            "setting": _describe(config["selection"]), "selection": config["selection"], "lr": config.get("lr"),
+            "shared": config.get("train_shared_experts"), "experts": values.get("selected_experts"),
+            "metric": values.get(metric) if values.get("evaluated") else None,
             "objective": values.get("objective"), "general_loss": values.get("general_loss"),
-            "valid_loss": values.get("valid_loss"), "status": _status(result, values),
-            "work_dir": values.get("work_dir"), "trial_id": values.get("trial_id"),
+            "valid_loss": values.get("valid_loss"), "status": _status(entry),
+            "work_dir": values.get("work_dir"), "trial_id": entry["trial_id"],
         })
     return rows
 
@@ -624,33 +673,46 @@ def _register_best(best: dict, tracker, config: SweepConfig, metric: str, mode: 
     return asdict(registration)
 
 
-def _sweep_state(run: Path, fingerprint: str, restart: bool) -> dict:
-    """Whether this run directory holds the same sweep (resume) or must start over."""
+def _sweep_state(run: Path, fingerprint: str, restart: bool) -> tuple[dict, dict[str, dict]]:
+    """Whether this run directory holds the same sweep (resume: its state and trial journal) or must start over."""
+    from pipeline.sweep_journal import load_journal
+
     state_file = run / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state and state.get("fingerprint") != fingerprint:
         if not restart:
             raise ConfigError(f"tune: {run} holds a sweep with other settings; pass --restart to start over there, or choose another run_dir")
         state = {}
-    if restart and (run / "ray" / EXPERIMENT).exists():
-        shutil.rmtree(run / "ray" / EXPERIMENT)
+    if restart:
         state = {}
     state["fingerprint"] = fingerprint
-    return state
+    return state, {} if restart else load_journal(run)
 
 
-def _tune_config(config: SweepConfig, train: dict, mode: str):
-    """Grid (every point once) or searcher proposals, with or without early stopping. A scheduler and a
-    searcher carry their own metric (validation loss per step vs the final objective), so Tune's own
-    metric is set only for a plain grid."""
+def _tune_config(config: SweepConfig, train: dict, mode: str, journal: dict[str, dict]):
+    """The trials still to run, as Tune's search: the grid's points that no earlier life of the sweep completed,
+    or the searcher's remaining proposals (knowing the completed trials); with or without early stopping.
+    None when nothing is left. A scheduler and a searcher carry their own metric (validation loss per step vs
+    the final objective), so Tune's own metric is set only for a plain grid."""
     from ray import tune
 
+
     searcher, scheduler = config.searcher_config(), config.scheduler_config()
+    concurrency = int(config.max_concurrent_trials)
+    if searcher:
+        samples = searcher.num_samples - len(completed(journal))
+        search_alg = make_searcher(searcher, mode, history=optuna_history(journal),
+                                   pending=[optuna_params(e["config"]) for e in interrupted(journal)])
+    else:
+        points = remaining_grid(grid_points(config.space()), journal)
+        samples, search_alg = len(points), GridPoints(points)
+    if samples <= 0:
+        return None
     return tune.TuneConfig(
-        search_alg=make_searcher(searcher, mode) if searcher else None,
+        search_alg=search_alg,
         scheduler=make_scheduler(scheduler, train, mode) if scheduler else None,
-        num_samples=searcher.num_samples if searcher else 1,
-        max_concurrent_trials=int(config.max_concurrent_trials),
+        num_samples=samples,
+        max_concurrent_trials=concurrency,
         **({} if searcher or scheduler else {"metric": "objective", "mode": mode}),
     )
 
@@ -680,8 +742,10 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     # there) and a trial stopped at it can be continued.
     train["eval_every"] = min(train["eval_every"], train["steps"])
     train["save_every"] = train["eval_every"]
-    tune_config = _tune_config(config, train, mode)  # settings errors before any work
-    state = _sweep_state(run, config.fingerprint(), restart)
+    state, journal = _sweep_state(run, config.fingerprint(), restart)
+    tune_config = _tune_config(config, train, mode, journal)  # settings errors before any work
+    rerun = {e["trial_id"] for e in interrupted(journal)}  # they run again under new trial ids
+    journal = {trial_id: entry for trial_id, entry in journal.items() if trial_id not in rerun}
 
     ensure_ray()
     profile_dir = cached_profile(profile_cfg, run)
@@ -697,25 +761,31 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
                                               {"base_model": inputs["model"], "data_hash": data_hash, "objective": metric, **searched},
                                               state.get("parent_run_id"))
     atomic_write_text(run / "sweep.json", json.dumps(state, indent=1))
+    atomic_write_text(run / JOURNAL, json.dumps(journal, indent=1))
     tracker = SweepTracker(tracking_uri, state["parent_run_id"], inputs["model"], data_hash)
 
     setup = {"run_dir": str(run), "profile_dir": str(profile_dir), "num_experts": scores.num_experts, "objective": [metric, mode, weight],
-             "train": train, "eval": {k: v for k, v in asdict(eval_cfg).items() if k not in ("out", "adapter")}}
-    trainable = sweep_trainable(setup)
-    experiment = run / "ray" / EXPERIMENT
-    if tune.Tuner.can_restore(experiment):
-        log.info("tune: resuming the sweep in %s (finished trials and the searcher's state are kept)", experiment)
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable)
+             "train": train, "eval": {k: v for k, v in asdict(eval_cfg).items() if k not in ("out", "adapter")},
+             "interrupted_trials": sorted(rerun)}
+    trial_journal = TrialJournal(run, journal)
+    # Tune's own experiment directory is never restored (that unpickles it): each driver life starts afresh.
+    shutil.rmtree(run / "ray" / EXPERIMENT, ignore_errors=True)
+    started = time.perf_counter()
+    if tune_config is None:
+        log.info("tune: every trial of this sweep completed earlier; summarising")
     else:
+        if journal or rerun:
+            log.info("tune: resuming the sweep in %s: %d trial(s) completed earlier are kept, %d interrupted one(s) continue",
+                     run, len(journal), len(rerun))
         tuner = tune.Tuner(
-            trainable, param_space={} if config.searcher else _param_space(config.space()), tune_config=tune_config,
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run / "ray"), callbacks=[tracker],
+            sweep_trainable(setup), tune_config=tune_config,
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run / "ray"), callbacks=[tracker, trial_journal],  # journal last: a trial counts as completed once it is in MLflow
+                                     
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
-    started = time.perf_counter()
-    results = tuner.fit()
+        tuner.fit()
     fit_seconds = time.perf_counter() - started
-    rows = summary_rows(results, metric)
+    rows = summary_rows(list(trial_journal.entries.values()), metric)
     best = _best(rows, mode)
     registered = None
     if best and config.register.get("enabled", True):

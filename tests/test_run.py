@@ -20,7 +20,7 @@ def quick_config(run_dir) -> PipelineConfig:
     return config
 
 
-def test_pipeline_runs_end_to_end_then_skips_and_resumes(tmp_path, caplog):
+def test_pipeline_runs_end_to_end_then_skips_resumes_and_retrains_a_changed_selection(tmp_path, caplog):
     run_dir = tmp_path / "run"
     caplog.set_level("INFO", logger="esft")
     summary = run_pipeline(quick_config(run_dir))
@@ -48,6 +48,15 @@ def test_pipeline_runs_end_to_end_then_skips_and_resumes(tmp_path, caplog):
     # evaluation is deterministic, so the register stage meets the same adapter and metric: no second version
     assert again["registered"]["version"] == "1"
 
+    changed = quick_config(run_dir)  # a changed selection: training starts from scratch, not from the old checkpoint
+    changed.select["top_p"] = 0.6
+    wider = run_pipeline(changed)
+    assert wider["selected_experts"] > summary["selected_experts"]
+    metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["history"]] == [1, 2, 3, 4]  # a fresh run, not a resumed one
+    cfg = json.loads((run_dir / "train" / "adapter" / "expert_cfg.json").read_text())
+    assert sum(len(v) for v in cfg["experts"].values()) == wider["selected_experts"]
+
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "deepseek-v2-lite-8gpu.yaml", "deepseek-v2-lite-multinode.yaml"])
 def test_shipped_pipeline_configs_build_every_stage(name, tmp_path):
@@ -58,16 +67,3 @@ def test_shipped_pipeline_configs_build_every_stage(name, tmp_path):
     profile.validate(), train.validate(), evaluate.validate()
     if name != "quickstart.yaml":
         assert train.use_gpu and profile.gpus_per_replica >= 1 and train.workers >= 8
-
-
-def test_a_changed_selection_retrains_from_scratch(tmp_path):
-    run_dir = tmp_path / "run"
-    first = run_pipeline(quick_config(run_dir))
-    config = quick_config(run_dir)
-    config.select["top_p"] = 0.6
-    second = run_pipeline(config)
-    assert second["selected_experts"] > first["selected_experts"]
-    metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
-    assert [r["step"] for r in metrics["history"]] == [1, 2, 3, 4]  # a fresh run, not a resumed one
-    cfg = json.loads((run_dir / "train" / "adapter" / "expert_cfg.json").read_text())
-    assert sum(len(v) for v in cfg["experts"].values()) == second["selected_experts"]

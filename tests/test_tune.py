@@ -71,33 +71,74 @@ def mlflow_runs(run_dir: Path):
     return client, [r for r in runs if r.data.tags.get("esft.kind") == "sweep"], [r for r in runs if r.data.tags.get("esft.kind") == "trial"]
 
 
+def kill_driver_after(config_file: Path, run_dir: Path, env: dict, completed_trials: int) -> dict:
+    """`esft tune` in its own process, killed (SIGKILL: a crash, or a lost head node) as soon as its journal
+    records `completed_trials` completed trials; returns the journal as it was then."""
+    import time
+
+    from pipeline.sweep_journal import completed, load_journal
+
+    log = run_dir.parent / f"{run_dir.name}-driver.log"
+    with log.open("w") as output:
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--config", str(config_file)], cwd=ROOT, env=env,
+                                  stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        try:
+            while len(completed(journal := load_journal(run_dir))) < completed_trials:
+                assert driver.poll() is None, f"the driver ended before it was killed:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no {completed_trials} completed trials in 900 s:\n{log.read_text()[-3000:]}"
+                time.sleep(0.2)
+        finally:
+            driver.kill()
+            driver.wait()
+    return journal
+
+
+def plant_pickles(run_dir: Path) -> Path:
+    """Replace every pickle in the run directory (Tune's experiment state, its searcher's) with one that would
+    leave a marker file if anything unpickled it; returns the marker's path."""
+    import pickle
+
+    marker = run_dir.parent / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    planted = list(run_dir.rglob("*.pkl"))
+    for path in planted:
+        path.write_bytes(pickle.dumps(Payload()))
+    assert planted  # Tune keeps its experiment state as pickles: there is something to refuse
+    return marker
+
+
 @pytest.mark.slow  # a whole sweep
 def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_path, fresh_ray, monkeypatch):
     from pipeline.config import build_config, read_yaml
     from pipeline.register import generate_text, load_registered
-    from pipeline.tracking import DRIVER_EXIT_ENV
     from pipeline.tune import SweepConfig, run_sweep
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's default: SQLite in its run dir
     run_dir = tmp_path / "sweep"
     config_file = sweep_yaml(assets, run_dir)
-    # 1. the driver dies right after its second trial was logged
-    env = {**os.environ, DRIVER_EXIT_ENV: "2", "RAY_ADDRESS": ""}
-    died = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--config", str(config_file)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert died.returncode == 1, died.stderr[-3000:]
-    finished_before = {p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*/result.json")}
+    # 1. the driver is killed once its second trial completed (a third may be under way: it is interrupted)
+    journal = kill_driver_after(config_file, run_dir, {**os.environ, "RAY_ADDRESS": ""}, completed_trials=2)
+    finished_before = {p: p.stat().st_mtime_ns for e in journal.values() if e["status"] == "finished"
+                       for p in [Path(e["result"]["work_dir"]) / "result.json"]}
     assert len(finished_before) == 2
     profiles = list((run_dir / "profiles").glob("*/expert_scores.json"))
     assert len(profiles) == 1
     profile_mtime = profiles[0].stat().st_mtime_ns
+    marker = plant_pickles(run_dir)
 
-    # 2. the same command resumes: only the missing trials run
+    # 2. the same command resumes from the journal: only the missing trials run, nothing is unpickled
     summary = run_sweep(build_config(SweepConfig, read_yaml(config_file), {}))
+    assert not marker.exists()
     assert [p.stat().st_mtime_ns for p in (run_dir / "profiles").glob("*/expert_scores.json")] == [profile_mtime]  # profiled once
     results = {p.parent.name: p for p in (run_dir / "trials").glob("*/result.json")}
     assert len(results) == 3  # 4 trials, 3 distinct selections
-    assert all(results[key].stat().st_mtime_ns == mtime for key, mtime in finished_before.items())  # not redone
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished_before.items())  # not redone
+    assert {e["trial_id"] for e in journal.values() if e["status"] == "finished"} <= {r["trial_id"] for r in summary["rows"]}
 
     rows = summary["rows"]
     assert len(rows) == 4 and not any(r["status"].startswith("failed") for r in rows)
@@ -197,11 +238,12 @@ def test_shipped_sweep_configs_build_their_search():
     asha = build_config(SweepConfig, read_yaml(ROOT / "configs" / "sweep_asha.yaml"), {})
     asha.validate()
     assert asha.searcher_config().num_samples >= 6 and asha.max_concurrent_trials * asha.train["workers"] <= 2  # a 2-core machine
-    tune_config = _tune_config(asha, {**asha.train, "save_every": asha.train["eval_every"]}, "max")
+    tune_config = _tune_config(asha, {**asha.train, "save_every": asha.train["eval_every"]}, "max", journal={})
     assert tune_config.scheduler.metric == "valid_loss" and tune_config.search_alg.metric == "objective"
 
 
-def test_optuna_proposals_stay_inside_the_declared_ranges(tmp_path):
+def test_optuna_proposals_stay_inside_the_declared_ranges():
+    from pipeline.sweep_journal import optuna_history
     from pipeline.tune import SearcherConfig, make_searcher
 
     config = SearcherConfig(num_samples=16, startup_trials=4, seed=1, kinds=["token", "gate", "token_budget", "gate_budget"],
@@ -210,13 +252,14 @@ def test_optuna_proposals_stay_inside_the_declared_ranges(tmp_path):
     config.validate()
     searcher = make_searcher(config, mode="max")
     searcher.set_search_properties(None, None, {})
-    seen = []
+    seen, journal = [], {}
     for index in range(config.num_samples):
-        if index == 8:  # the searcher's state survives a save and restore (what a resumed sweep relies on)
-            searcher.save(str(tmp_path / "searcher.pkl"))
-            searcher = make_searcher(config, mode="max")
-            searcher.restore(str(tmp_path / "searcher.pkl"))
-            assert len(searcher._ot_study.trials) == 8
+        if index == 8:  # a resumed sweep: a new searcher, told the journal's completed trials
+            before = searcher._ot_study.trials
+            searcher = make_searcher(config, mode="max", history=optuna_history(journal))
+            recorded = searcher._ot_study.trials
+            assert [t.state.name for t in recorded] == [t.state.name for t in before]
+            assert [t.params for t in recorded] == [t.params for t in before] and [t.value for t in recorded] == [t.value for t in before]
         proposal = searcher.suggest(str(index))
         selection = proposal["selection"]
         if "top_p" in selection:
@@ -232,9 +275,28 @@ def test_optuna_proposals_stay_inside_the_declared_ranges(tmp_path):
         # stopped early (pruned) or finished with an objective that prefers small token top-p
         done = {"objective": 1.0 - selection.get("top_p", 0.5)} if index % 3 else {"objective": None}
         searcher.on_trial_complete(str(index), done)
+        journal[str(index)] = {"trial_id": str(index), "config": proposal, "status": "finished" if index % 3 else "stopped",
+                               "result": {**done, "evaluated": bool(index % 3)}, "error": None}
     assert {p["kind"] for p in seen} == set(config.kinds)
     states = [t.state.name for t in searcher._ot_study.trials]
     assert states.count("PRUNED") == 6 and states.count("COMPLETE") == 10
+
+
+def test_a_resumed_searcher_proposes_the_interrupted_trials_first():
+    from pipeline.sweep_journal import optuna_history, optuna_params
+    from pipeline.tune import SearcherConfig, make_searcher
+
+    config = SearcherConfig(num_samples=6, startup_trials=1, kinds=["token", "gate_budget"], experts_per_layer=[1, 8],
+                            lr=[1e-4, 1e-2], train_shared_experts=[False, True])
+    first = make_searcher(config, mode="min")
+    proposals = [first.suggest(str(i)) for i in range(3)]
+    journal = {"0": {"trial_id": "0", "config": proposals[0], "status": "finished", "result": {"objective": 0.5}},
+               "1": {"trial_id": "1", "config": proposals[1], "status": "failed", "result": {}}}
+    resumed = make_searcher(config, mode="min", history=optuna_history(journal), pending=[optuna_params(proposals[2])])
+    again = resumed.suggest("new")
+    assert {k: again[k] for k in ("selection", "lr", "train_shared_experts")} == \
+        {k: proposals[2][k] for k in ("selection", "lr", "train_shared_experts")}  # the interrupted trial, same config
+    assert [(t.state.name, t.value) for t in resumed._ot_study.trials[:2]] == [("COMPLETE", 0.5), ("FAIL", None)]
 
 
 def _train_actors_left() -> list[str]:
@@ -294,13 +356,10 @@ def test_asha_stops_a_falling_behind_trial_cleanly(assets, tmp_path, fresh_ray, 
 
 @pytest.mark.slow  # a whole sweep
 def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_ray, monkeypatch):
-    import pickle
-
     import ray
 
     from pipeline.config import build_config, read_yaml
-    from pipeline.tracking import DRIVER_EXIT_ENV
-    from pipeline.tune import EXPERIMENT, SweepConfig, run_sweep
+    from pipeline.tune import SweepConfig, run_sweep
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "searched"
@@ -313,33 +372,15 @@ def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_r
     # Both drivers use one local cluster (the dead driver's trials die with its job), started here
     # without a dashboard: a cold Ray start per driver is what a loaded 2-core machine struggles with.
     ray.init(num_cpus=2, include_dashboard=False)
-    env = {**os.environ, DRIVER_EXIT_ENV: "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    died = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--config", str(config_file)], check=False, cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert died.returncode == 1, died.stderr[-3000:]
-    _, _, logged_before = mlflow_runs(run_dir)
-    assert len(logged_before) == 1
-    first = logged_before[0].data.tags["esft.trial_id"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    journal = kill_driver_after(config_file, run_dir, env, completed_trials=1)
+    first = next(e["trial_id"] for e in journal.values() if e["status"] != "running")
+    marker = plant_pickles(run_dir)  # the searcher's state as Tune saved it: never read
 
     summary = run_sweep(build_config(SweepConfig, read_yaml(config_file), {}))
+    assert not marker.exists()
     rows = summary["rows"]
     assert len(rows) == 3 and first in {r["trial_id"] for r in rows}  # the searcher did not start over
-    assert not any(r["status"].startswith("failed") for r in rows)
+    assert not any(r["status"].startswith(("failed", "interrupted")) for r in rows)
     _, parents, trials = mlflow_runs(run_dir)
     assert len(parents) == 1 and sorted(t.data.tags["esft.trial_id"] for t in trials) == sorted(r["trial_id"] for r in rows)
-    # The searcher's saved state (Tune keeps it in the experiment directory) holds all three trials, finished or pruned.
-    state_file = sorted((run_dir / "ray" / EXPERIMENT).glob("searcher-state-*.pkl"))[-1]  # named by session start
-    state = pickle.loads(state_file.read_bytes())
-    study = next(v for v in _walk(state) if type(v).__name__ == "Study")
-    assert len(study.trials) == 3 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
-
-
-def _walk(value, depth: int = 0):
-    """Every object reachable through dicts, lists and instance attributes (a few levels deep)."""
-    yield value
-    if depth > 4:
-        return
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else \
-        vars(value).values() if hasattr(value, "__dict__") and not isinstance(value, type) else []
-    for child in children:
-        yield from _walk(child, depth + 1)
