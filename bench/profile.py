@@ -1,6 +1,8 @@
 """Profiling throughput: our Ray Data pipeline vs the bare forward vs the reference's loop.
 
     python bench/profile.py [--tokens 262144] [--seq-len 256] [--batch-size 4]
+    python bench/profile.py --device cuda --model-config bench/configs/lite_layers.json --tokens 1048576 \
+        --seq-len 4096 --batch-size 8 --reference-tokens 0        # on a GPU (bench/gpu_check.py)
 
 One process, one model (built from bench/configs/profile_model.json, saved with a tokenizer
 trained on the corpus), one generated corpus. Tokens per second of:
@@ -33,34 +35,26 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from esft.data import pack_samples, read_conversations, tokenize_conversations  # noqa: E402
 from esft.families import moe_layers  # noqa: E402
 from esft.routing import routing_hooks  # noqa: E402
-from esft.tiny import tiny_tokenizer  # noqa: E402
+from esft.tiny import save_shaped_model  # noqa: E402
 from pipeline.profile import ProfileConfig, run_profile  # noqa: E402
 from esft import synthetic  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "profile_model.json"
 
 
-def build_assets(root: Path, n_samples: int) -> tuple[Path, Path]:
+def build_assets(root: Path, n_samples: int, shape: Path = CONFIG, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
+    """A generated math corpus and a random model of `shape` with a tokenizer trained on the corpus."""
     corpus = synthetic.rows("math", n_samples, seed=0)
     data = root / "task.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in corpus))
-    tokenizer = tiny_tokenizer([m["content"] for row in corpus[:2000] for m in row["messages"]], vocab_size=1000)
-    values = json.loads(CONFIG.read_text())
-    config = AutoConfig.for_model(values.pop("model_type"), vocab_size=len(tokenizer), **values)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # routers initialised to zero route by tie-breaking; give them a scale
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0, 0.5)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model", data
+    texts = [m["content"] for row in corpus[:2000] for m in row["messages"]]
+    return save_shaped_model(root / "model", json.loads(shape.read_text()), texts, device=device, dtype=dtype), data
 
 
 def packed_batches(model_dir: Path, data: Path, seq_len: int, batch_size: int, tokens: int) -> list[torch.Tensor]:
@@ -74,13 +68,22 @@ def packed_batches(model_dir: Path, data: Path, seq_len: int, batch_size: int, t
 
 
 def bare_forward(model, batches: list[torch.Tensor]) -> float:
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in batches]
     with torch.inference_mode():
         model.model(input_ids=batches[0])  # warm-up
+        _synchronize(device)
         start = time.perf_counter()
         for batch in batches:
             model.model(input_ids=batch)
+        _synchronize(device)  # kernels run asynchronously: time the work, not the launches
         seconds = time.perf_counter() - start
     return sum(b.numel() for b in batches) / seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reference_loop(model, model_dir: Path, data: Path, tokens: int, log_dir: Path) -> float:
@@ -126,46 +129,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=262144)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--reference-tokens", type=int, default=8192, help="the reference loop is slow; time it on fewer tokens")
+    parser.add_argument("--reference-tokens", type=int, default=8192,
+                        help="the reference loop is slow; time it on fewer tokens (0: skip it)")
+    parser.add_argument("--model-config", type=Path, default=CONFIG, help="the model's shape (a config.json's fields)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: one GPU replica in the pipeline, the bare forward on the same GPU")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on GPU")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir, data = build_assets(root, n_samples=max(2000, args.tokens // 20))
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        model_dir, data = build_assets(root, n_samples=max(2000, args.tokens // 20), shape=args.model_config,
+                                       device=args.device, dtype=dtype)
         batches = packed_batches(model_dir, data, args.seq_len, args.batch_size, args.tokens)
-        with torch.inference_mode():
-            start = time.perf_counter()
-            model.model(input_ids=batches[0])
-            batch_seconds = time.perf_counter() - start
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         start = time.perf_counter()
         result = run_profile(ProfileConfig(model=str(model_dir), data=[str(data)], out=str(root / "profile"),
-                                           n_sample_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size))[0]
+                                           n_sample_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                                           gpus_per_replica=1.0 if args.device == "cuda" else 0.0))[0]
         pipeline_seconds = time.perf_counter() - start
         ray.shutdown()
         pipeline = result.scores.total_tokens / pipeline_seconds
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
         bare = bare_forward(model, batches)
-        (root / "ref").mkdir()
-        reference = reference_loop(model, model_dir, data, args.reference_tokens, root / "ref")
+        reference = None
+        if args.reference_tokens:
+            (root / "ref").mkdir()
+            reference = reference_loop(model, model_dir, data, args.reference_tokens, root / "ref")
 
     print(json.dumps({
         "ratios": {
             "pipeline_over_bare_forward": pipeline / bare,
-            "pipeline_over_reference_loop": pipeline / reference,
+            **({"pipeline_over_reference_loop": pipeline / reference} if reference else {}),
         },
         "raw": {
             "tokens_per_second": {"bare_forward": bare, "pipeline": pipeline, "reference_loop": reference},
             "pipeline_seconds": pipeline_seconds,
             "pipeline_tokens": result.scores.total_tokens,
-            "forward_seconds_per_batch": batch_seconds,
         },
-        "config": {"model": json.loads(CONFIG.read_text()), "tokens": args.tokens, "seq_len": args.seq_len,
+        "config": {"model": json.loads(args.model_config.read_text()), "tokens": args.tokens, "seq_len": args.seq_len,
                    "batch_size": args.batch_size, "reference_tokens": args.reference_tokens,
-                   "cpus": os.cpu_count(), "device": "cpu"},
+                   "cpus": os.cpu_count(), "device": args.device, "dtype": str(dtype).removeprefix("torch.")},
     }))
     return 0
 

@@ -1,6 +1,8 @@
 """ESFT vs full fine-tuning vs LoRA through the real trainer (Ray Train + DeepSpeed ZeRO-2).
 
     python bench/train.py [--steps 8] [--workers 1]
+    python bench/train.py --device cuda --model-config bench/configs/lite_layers.json --seq-len 4096 --batch-size 2 \
+        --deepspeed zero2 zero3 --methods esft fft          # on a GPU, bf16 (bench/gpu_check.py)
 
 Same model (the core benchmark's "large" DeepSeek-V2 shape), same packed data, same batch, one run
 each of `esft train` with --method esft (token score, p = 0.2, profiled on the training data),
@@ -42,20 +44,23 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def prepare(root: Path) -> tuple[Path, Path, Path, float]:
+def prepare(root: Path, shape: dict, seq_len: int, batch: int, device: str, dtype: torch.dtype) -> tuple[Path, Path, Path, float]:
+    """Data, a random model of `shape` (built on `device` in `dtype`), and its token p = 0.2 selection profiled
+    on the training rows, as files; also the selected experts' share of the model's bytes."""
     corpus = synthetic.rows("math", 3000, seed=0)
     data = root / "task.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in corpus))
     tokenizer = tiny_tokenizer([m["content"] for row in corpus[:1000] for m in row["messages"]], vocab_size=1000)
-    model = tiny_model("deepseek_v2", vocab_size=len(tokenizer), **LARGE)
+    with torch.device(device):  # GPU shapes are too large to initialise on a CPU quickly
+        model = tiny_model("deepseek_v2", vocab_size=len(tokenizer), dtype=dtype, **shape)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    rows = pack_samples(tokenize_conversations(read_conversations(data), tokenizer), SEQ_LEN,
+    rows = pack_samples(tokenize_conversations(read_conversations(data), tokenizer), seq_len,
                         pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id, random_concat_ratio=0.0)[:32]
     scores = empty_scores_for(model)
-    for i in range(0, len(rows), BATCH):
-        ids = torch.tensor([r.input_ids for r in rows[i:i + BATCH]])
-        mask = torch.tensor([r.attention_mask for r in rows[i:i + BATCH]])
+    for i in range(0, len(rows), batch):
+        ids = torch.tensor([r.input_ids for r in rows[i:i + batch]], device=device)
+        mask = torch.tensor([r.attention_mask for r in rows[i:i + batch]], device=device)
         profile_batch(model, ids, mask, into=scores)
     config = select_experts(layer_score_dict(scores.layers, scores.scores("token")), top_p=0.2)
     config.save(root / "expert_cfg.json")
@@ -76,43 +81,63 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="the model's shape (a DeepSeek-V2 config.json's fields); default: the core benchmark's large shape")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    parser.add_argument("--batch-size", type=int, default=BATCH)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per worker, bf16")
+    parser.add_argument("--deepspeed", nargs="+", default=["zero2"], help="ZeRO stages to run (each with every method)")
+    parser.add_argument("--methods", nargs="+", default=["fft", "esft", "lora"], choices=["fft", "esft", "lora"])
     args = parser.parse_args(argv)
+    if "fft" not in args.methods:
+        parser.error("--methods must include fft: every ratio is against it")
+    shape = LARGE
+    if args.model_config:
+        shape = {k: v for k, v in json.loads(args.model_config.read_text()).items() if k != "model_type"}
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model, data, expert_cfg, selected_share = prepare(root)
+        model, data, expert_cfg, selected_share = prepare(root, shape, args.seq_len, args.batch_size, args.device, dtype)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the workers need the GPU this process prepared the model on
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
         results = {}
-        for method in ("fft", "esft", "lora"):
-            config = TrainConfig(model=str(model), data=str(data), expert_config=str(expert_cfg), out=str(root / method),
-                                 method=method, workers=args.workers, steps=args.steps, save_every=args.steps,
-                                 eval_every=args.steps, seq_len=SEQ_LEN, batch_size=BATCH, eval_rows=4)
-            metrics = run_train(config)
-            results[method] = {
-                "step_seconds": step_seconds(metrics),
-                "optimizer_state_bytes": metrics["optimizer_state_bytes"],
-                "peak_memory_bytes": metrics["peak_memory_bytes"],
-                "checkpoint_bytes": directory_bytes(root / method / EXPORT_DIR[method]),
-                "trainable_parameters": metrics["trainable_parameters"],
-            }
+        for stage in args.deepspeed:
+            for method in args.methods:
+                config = TrainConfig(model=str(model), data=str(data), expert_config=str(expert_cfg),
+                                     out=str(root / f"{stage}-{method}"), method=method, workers=args.workers,
+                                     steps=args.steps, save_every=args.steps, eval_every=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=4,
+                                     deepspeed=stage, use_gpu=args.device == "cuda")
+                metrics = run_train(config)
+                results[f"{stage}.{method}"] = {
+                    "step_seconds": step_seconds(metrics),
+                    "optimizer_state_bytes": metrics["optimizer_state_bytes"],
+                    "peak_memory_bytes": metrics["peak_memory_bytes"],
+                    "checkpoint_bytes": directory_bytes(root / f"{stage}-{method}" / EXPORT_DIR[method]),
+                    "trainable_parameters": metrics["trainable_parameters"],
+                }
         ray.shutdown()
 
-    fft, esft, lora = results["fft"], results["esft"], results["lora"]
+    ratios = {"selected_expert_share": selected_share}
+    for stage in args.deepspeed:
+        prefix = "" if stage == args.deepspeed[0] else f"{stage}."  # the first stage's ratios keep their historic names
+        fft = results[f"{stage}.fft"]
+        for method in (m for m in args.methods if m != "fft"):
+            run = results[f"{stage}.{method}"]
+            ratios[f"{prefix}step_time_{method}_over_fft"] = run["step_seconds"] / fft["step_seconds"]
+            if method == "esft":
+                ratios[f"{prefix}optimizer_state_esft_over_fft"] = run["optimizer_state_bytes"] / fft["optimizer_state_bytes"]
+                ratios[f"{prefix}peak_memory_esft_over_fft"] = run["peak_memory_bytes"] / fft["peak_memory_bytes"]
+                ratios[f"{prefix}checkpoint_bytes_esft_over_fft"] = run["checkpoint_bytes"] / fft["checkpoint_bytes"]
     print(json.dumps({
-        "ratios": {
-            "step_time_esft_over_fft": esft["step_seconds"] / fft["step_seconds"],
-            "step_time_lora_over_fft": lora["step_seconds"] / fft["step_seconds"],
-            "optimizer_state_esft_over_fft": esft["optimizer_state_bytes"] / fft["optimizer_state_bytes"],
-            "peak_memory_esft_over_fft": esft["peak_memory_bytes"] / fft["peak_memory_bytes"],
-            "checkpoint_bytes_esft_over_fft": esft["checkpoint_bytes"] / fft["checkpoint_bytes"],
-            "selected_expert_share": selected_share,
-        },
+        "ratios": ratios,
         "raw": results,
-        "config": {"model": {"family": "deepseek_v2", **LARGE}, "seq_len": SEQ_LEN, "batch_size": BATCH,
-                   "steps": args.steps, "workers": args.workers, "deepspeed": "zero2", "selection": "token p=0.2",
-                   "device": "cpu"},
+        "config": {"model": {"family": "deepseek_v2", **shape}, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                   "steps": args.steps, "workers": args.workers, "deepspeed": args.deepspeed, "selection": "token p=0.2",
+                   "device": args.device, "dtype": str(dtype).removeprefix("torch.")},
     }))
     return 0
 

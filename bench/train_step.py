@@ -58,12 +58,11 @@ SIZES = {
         batch=4, seq=512,
     ),
     "small": dict(model=dict(), batch=4, seq=128),
-    # DeepSeek-V2-Lite's MoE layer shape (64 experts of 1408, top-6, 2 shared, MLA), 4 layers: a GPU size.
+    # DeepSeek-V2-Lite's MoE layer shape (64 experts of 1408, top-6, 2 shared, MLA), 4 layers: a GPU size,
+    # the shape bench/gpu_check.py also runs through the pipeline (bench/configs/lite_layers.json).
     "lite": dict(
-        model=dict(hidden_size=2048, moe_intermediate_size=1408, n_routed_experts=64, num_experts_per_tok=6,
-                   n_shared_experts=2, num_hidden_layers=4, first_k_dense_replace=0, num_attention_heads=16,
-                   num_key_value_heads=16, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                   v_head_dim=128, max_position_embeddings=4096),
+        model={k: v for k, v in json.loads((Path(__file__).parent / "configs" / "lite_layers.json").read_text()).items()
+               if k != "model_type"},
         batch=2, seq=4096,
     ),
 }

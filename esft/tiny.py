@@ -6,6 +6,8 @@ exists. Each config builds and trains on a CPU in well under a second per step.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -115,3 +117,18 @@ _DEFAULT_CORPUS = [
     "User: Book a table for two at seven.\n\nAssistant: {\"intent\": \"book_table\", \"people\": 2}",
     "The quick brown fox jumps over the lazy dog. Experts route tokens to specialists.",
 ] * 8
+
+
+def save_shaped_model(out: Path, shape: dict, texts: list[str], device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      seed: int = 0) -> Path:
+    """A model directory for benchmarks: a random model of `shape` (a config.json's fields, `model_type`
+    included, e.g. a real model's layer shape with a few layers) and a tokenizer trained on `texts`. Built on
+    `device`: real shapes are too large to initialise on a CPU quickly."""
+    values = dict(shape)
+    family = values.pop("model_type")
+    tokenizer = tiny_tokenizer(texts, vocab_size=1000)
+    with torch.device(device):
+        model = tiny_model(family, seed=seed, dtype=dtype, **{**values, "vocab_size": len(tokenizer)})
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,4 +1,4 @@
-"""`esft tune`: a 2x2 sweep on a tiny model: MLflow parent + nested runs, one profile, a duplicate
+"""`esft tune`: a 3-trial sweep on a tiny model: MLflow parent + nested runs, one profile, a duplicate
 selection not retrained, the registry entry, a driver that dies and resumes, a failed trial; ASHA stopping
 a trial early from its forwarded validation steps; Optuna's proposals and a searcher that survives a dead
 driver."""
@@ -120,12 +120,15 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's default: SQLite in its run dir
     run_dir = tmp_path / "sweep"
-    config_file = sweep_yaml(assets, run_dir)
-    # 1. the driver is killed once its second trial completed (a third may be under way: it is interrupted)
-    journal = kill_driver_after(config_file, run_dir, {**os.environ, "RAY_ADDRESS": ""}, completed_trials=2)
+    # 3 trials: token p = 0.05, then all 16 experts ranked by token and by gate, the same selection: the third
+    # trial must reuse the second one's result.
+    config_file = sweep_yaml(assets, run_dir, search={"token_top_p": [0.05], "gate_top_p": [], "experts_per_layer": [16],
+                                                     "budget_score_functions": ["token", "gate"]})
+    # 1. the driver is killed once its first trial completed (the second may be under way: it is interrupted)
+    journal = kill_driver_after(config_file, run_dir, {**os.environ, "RAY_ADDRESS": ""}, completed_trials=1)
     finished_before = {p: p.stat().st_mtime_ns for e in journal.values() if e["status"] == "finished"
                        for p in [Path(e["result"]["work_dir"]) / "result.json"]}
-    assert len(finished_before) == 2
+    assert len(finished_before) == 1
     profiles = list((run_dir / "profiles").glob("*/expert_scores.json"))
     assert len(profiles) == 1
     profile_mtime = profiles[0].stat().st_mtime_ns
@@ -136,21 +139,21 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
     assert not marker.exists()
     assert [p.stat().st_mtime_ns for p in (run_dir / "profiles").glob("*/expert_scores.json")] == [profile_mtime]  # profiled once
     results = {p.parent.name: p for p in (run_dir / "trials").glob("*/result.json")}
-    assert len(results) == 3  # 4 trials, 3 distinct selections
+    assert len(results) == 2  # 3 trials, 2 distinct selections
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished_before.items())  # not redone
     assert {e["trial_id"] for e in journal.values() if e["status"] == "finished"} <= {r["trial_id"] for r in summary["rows"]}
 
     rows = summary["rows"]
-    assert len(rows) == 4 and not any(r["status"].startswith("failed") for r in rows)
+    assert len(rows) == 3 and not any(r["status"].startswith(("failed", "interrupted")) for r in rows)
     duplicates = [r for r in rows if r["status"].startswith("same selection as")]
     assert len(duplicates) == 1 and duplicates[0]["experts"] == 48  # 16 experts x 3 MoE layers
     original = next(r for r in rows if r["experts"] == 48 and r is not duplicates[0])
     assert duplicates[0]["metric"] == original["metric"] and duplicates[0]["work_dir"] == original["work_dir"]
     table_rows = [line for line in (run_dir / "sweep_summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table_rows) == 5  # header + 4 trials
+    assert len(table_rows) == 4  # header + 3 trials
 
     client, parents, trials = mlflow_runs(run_dir)
-    assert len(parents) == 1 and len(trials) == 4
+    assert len(parents) == 1 and len(trials) == 3
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
     for run in trials:
         assert run.info.status == "FINISHED"
