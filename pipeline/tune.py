@@ -38,7 +38,16 @@ from ray.tune.search.optuna import OptunaSearch
 
 from esft.io import atomic_write_text
 from pipeline.config import ConfigError, build_config
-from pipeline.sweep_journal import JOURNAL, TrialJournal, completed, interrupted, optuna_history, optuna_params, remaining_grid
+from pipeline.sweep_journal import (
+    JOURNAL,
+    TrialJournal,
+    completed,
+    interrupted,
+    load_journal,
+    optuna_history,
+    optuna_params,
+    remaining_grid,
+)
 
 log = logging.getLogger("esft")
 EXPERIMENT = "tune"  # Tune's experiment directory name under <run_dir>/ray
@@ -675,8 +684,6 @@ def _register_best(best: dict, tracker, config: SweepConfig, metric: str, mode: 
 
 def _sweep_state(run: Path, fingerprint: str, restart: bool) -> tuple[dict, dict[str, dict]]:
     """Whether this run directory holds the same sweep (resume: its state and trial journal) or must start over."""
-    from pipeline.sweep_journal import load_journal
-
     state_file = run / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state and state.get("fingerprint") != fingerprint:
@@ -695,7 +702,6 @@ def _tune_config(config: SweepConfig, train: dict, mode: str, journal: dict[str,
     None when nothing is left. A scheduler and a searcher carry their own metric (validation loss per step vs
     the final objective), so Tune's own metric is set only for a plain grid."""
     from ray import tune
-
 
     searcher, scheduler = config.searcher_config(), config.scheduler_config()
     concurrency = int(config.max_concurrent_trials)
@@ -779,8 +785,8 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
                      run, len(journal), len(rerun))
         tuner = tune.Tuner(
             sweep_trainable(setup), tune_config=tune_config,
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run / "ray"), callbacks=[tracker, trial_journal],  # journal last: a trial counts as completed once it is in MLflow
-                                     
+            # The journal after MLflow: a trial counts as completed once it is logged.
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run / "ray"), callbacks=[tracker, trial_journal],
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
         tuner.fit()
