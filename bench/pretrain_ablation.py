@@ -31,7 +31,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
 
 def row_key(row: dict) -> tuple:
     recipe = row["recipe"]
-    return recipe["balance_scope"], recipe["balance_loss_coef"], recipe["steps"], row.get("data_tokens")
+    return (recipe["balance_scope"], recipe.get("balance_window") if recipe["balance_scope"] == "global" else None,
+            recipe["balance_loss_coef"], recipe["steps"], row.get("data_tokens"))
 
 
 def merge_rows(rows: list[dict], new: list[dict]) -> list[dict]:

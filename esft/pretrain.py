@@ -28,6 +28,7 @@ result is a standard Hugging Face directory: it loads with `AutoModelForCausalLM
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -82,7 +83,7 @@ DOMAINS = (*synthetic.TASKS, synthetic.GENERAL)
 MAX_NEW_TOKENS = {"math": 40, "code": 16, "intent": 48, "law": 12, "translation": 32, "summary": 40}
 
 
-BALANCE_SCOPES = ("batch", "sequence")
+BALANCE_SCOPES = ("batch", "sequence", "global")
 
 
 @dataclass
@@ -114,14 +115,15 @@ class PretrainRecipe:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to this share of lr
     balance_loss_coef: float = 0.005
-    balance_scope: str = "batch"  # "batch" or "sequence": over which tokens expert load is balanced
+    balance_scope: str = "batch"  # "batch", "sequence" or "global": over which tokens expert load is balanced
+    balance_window: int = 16  # "global": expert load counted over the last this-many batches (the current one included)
     threads: int = 2
     log_every: int = 50
     measure_at: tuple[int, ...] = (600, 1200, 1800)  # also measure routing specialisation at these steps
     measure_rows: int = 400  # rows per domain profiled for the gates (half as many for losses, a quarter generated)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows",
+        for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows", "balance_window",
                      "routed_experts", "experts_per_token", "shared_experts", "expert_width"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"pretrain: {name} must be a positive integer")
@@ -244,22 +246,40 @@ def token_blocks(documents: list[Document], tokenizer: PreTrainedTokenizerBase, 
     return torch.tensor(blocks, dtype=torch.long), mix
 
 
-def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1) -> torch.Tensor:
-    """Switch-transformer load balancing, averaged over MoE layers: E * sum_e f_e * P_e, where f_e is
-    the share of routing slots that went to expert e and P_e its mean router probability, computed
-    over groups of tokens: the whole batch (rows=1) or each of `rows` sequences (the logits are
-    row-major [rows * T, E]), then averaged. Batch-level balance keeps every expert in use without
-    telling any expert what to specialise in; sequence-level balance also forces each sequence
-    (mostly one domain) to spread over all experts, which works against specialisation."""
-    losses = []
+def expert_slots(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1) -> torch.Tensor:
+    """How many routing slots each expert took, per MoE layer and group of tokens: [L, rows, E]
+    (the logits are row-major [rows * T, E]; rows=1 counts the whole batch). Not differentiable."""
+    counts = []
     for logits_TE in router_logits:
+        chosen_GTK = logits_TE.detach().topk(top_k, dim=-1).indices.view(rows, -1, top_k)
+        counts.append(torch.zeros(rows, logits_TE.shape[-1]).scatter_add_(
+            1, chosen_GTK.flatten(1), torch.ones(chosen_GTK.flatten(1).shape)))
+    return torch.stack(counts)
+
+
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1,
+                 earlier_slots_LE: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-transformer load balancing, averaged over MoE layers: E * sum_e f_e * P_e, where f_e is
+    the share of routing slots that went to expert e and P_e its mean router probability over a
+    group of tokens: the whole batch (rows=1) or each of `rows` sequences, then averaged.
+    `earlier_slots_LE` (slot counts of earlier batches) widens f to a global window while P stays
+    the current batch's, as in global-batch balancing (Qiu et al., 2025, "Demons in the Detail").
+
+    Sequence-level balance forces each sequence (mostly one domain) to spread over all experts,
+    which works against specialisation; batch-level balance lets a batch's domains share the
+    experts out, and a global window, holding many batches' worth of every domain, balances only
+    the load over the whole mixture, so an expert may serve one domain alone."""
+    slots_LGE = expert_slots(router_logits, top_k, rows)
+    if earlier_slots_LE is not None:
+        if rows != 1:
+            raise ValueError("balance_loss: a global window needs rows=1")
+        slots_LGE = slots_LGE + earlier_slots_LE.unsqueeze(1)
+    share_LGE = slots_LGE / slots_LGE.sum(dim=-1, keepdim=True)
+    losses = []
+    for logits_TE, share_GE in zip(router_logits, share_LGE):
         probs_GTE = logits_TE.float().softmax(dim=-1).view(rows, -1, logits_TE.shape[-1])
         num_experts = probs_GTE.shape[-1]
-        chosen_GTK = probs_GTE.topk(top_k, dim=-1).indices
-        slots_GE = torch.zeros(rows, num_experts, device=probs_GTE.device).scatter_add_(
-            1, chosen_GTK.flatten(1), torch.ones(chosen_GTK.flatten(1).shape, device=probs_GTE.device))
-        share_GE = slots_GE / chosen_GTK[0].numel()
-        losses.append(num_experts * (share_GE * probs_GTE.mean(dim=1)).sum(dim=1).mean())
+        losses.append(num_experts * (share_GE.to(probs_GTE.device) * probs_GTE.mean(dim=1)).sum(dim=1).mean())
     return torch.stack(losses).mean()
 
 
@@ -284,6 +304,7 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
     order, cursor = torch.randperm(len(blocks), generator=generator), 0
     top_k = model.config.num_experts_per_tok
     history, started, window = [], time.perf_counter(), []
+    recent_slots = collections.deque(maxlen=recipe.balance_window - 1)  # "global" balance: earlier batches' expert load
     model.train()
     for step in range(1, recipe.steps + 1):
         if cursor + recipe.batch_rows > len(order):  # next epoch, new order
@@ -293,7 +314,12 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe)
         output = model(input_ids=batch, labels=batch, output_router_logits=True)
-        balance = balance_loss(output.router_logits, top_k, rows=len(batch) if recipe.balance_scope == "sequence" else 1)
+        if recipe.balance_scope == "global":
+            earlier = torch.stack(list(recent_slots)).sum(dim=0) if recent_slots else None
+            balance = balance_loss(output.router_logits, top_k, earlier_slots_LE=earlier)
+            recent_slots.append(expert_slots(output.router_logits, top_k)[:, 0])
+        else:
+            balance = balance_loss(output.router_logits, top_k, rows=len(batch) if recipe.balance_scope == "sequence" else 1)
         (output.loss + recipe.balance_loss_coef * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), PAPER_GRAD_CLIP)
         optimizer.step()
@@ -432,6 +458,13 @@ ABLATION_SAME = ("seed", "general_rows", "task_rows", "raw_documents", "held_out
                  "expert_width", "batch_rows", "seq_len", "lr")
 
 
+def balance_description(recipe: dict) -> str:
+    """How a recipe balanced expert load, for the card: batch-level, sequence-level, or global over N batches."""
+    if recipe["balance_scope"] == "global":
+        return f"global ({recipe['balance_window']} batches)"
+    return f"{recipe['balance_scope']}-level"
+
+
 def model_card(report: dict, ablation: list[dict] | None = None) -> str:
     spec, recipe = report["specialisation"], report["recipe"]
     layers = spec["layers"]
@@ -453,18 +486,18 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
          f"{report['data']['tokens']:,} tokens are raw text. Held out of the instruction format: "
          f"{', '.join(synthetic.HELD_OUT_TASKS)}. Tokenizer: byte-level BPE trained on all of it."),
         (f"- training: {recipe['steps']} steps x {recipe['batch_rows']} x {recipe['seq_len']} tokens, AdamW, lr {recipe['lr']} "
-         f"(warm-up + cosine), {recipe['balance_scope']}-level balance loss x {recipe['balance_loss_coef']}; final loss "
+         f"(warm-up + cosine), {balance_description(recipe)} balance loss x {recipe['balance_loss_coef']}; final loss "
          f"{report['history'][-1]['loss']:.3f}"),
         f"- hardware and time: {report['seconds']:.0f} s on {recipe['threads']} CPU threads ({report['hardware']}), torch {report['torch']}",
         "", "## Gates (measured on these weights, before any fine-tuning)", "",
         *_table(["gate", "mini-moe", "target", "passed", "DeepSeek-V2-Lite"],
                 [[g["gate"], g["value"], g["target"], "yes" if g["passed"] else "**no**",
                   next((ref for label, _, _, _, ref in GATES if label == g["gate"]), "-")] for g in spec["gates"]]),
-        "", "Definitions: routing is profiled on 400 training rows per domain in the instruction template, every "
+        "", ("Definitions: routing is profiled on 400 training rows per domain in the instruction template, every "
         "token counted. Effective experts = exp(entropy) of a layer's token-score distribution. Selections use the "
         "token score at p = 0.2. Jaccard is over the (layer, expert) pairs of two tasks' selections. The mass ratio is "
         "the task's token-score mass on its selected experts over the general domain's mass on the same experts, per "
-        "layer. Reproduce with `python bench/specialisation.py`.", "",
+        "layer. Reproduce with `python bench/specialisation.py`."), "",
         "## Per domain", "",
         *_table(["domain", "answer loss (nats)", "vanilla metric", "effective experts per layer", "token p=0.2 experts per layer"],
                 [[d, spec["answer_loss"][d], spec.get("task_metric", {}).get(d, "-"),
@@ -488,7 +521,7 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
                    "`phrasebook`: the recipe's translation_phrasebook (more raw translation text, in the task's direction)."), "",
                   *_table(["balance", "coef", "steps", "phrasebook", "data tokens", *[label for label, *_ in GATES],
                            *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
-                          [[a["recipe"]["balance_scope"], a["recipe"]["balance_loss_coef"],
+                          [[balance_description(a["recipe"]), a["recipe"]["balance_loss_coef"],
                             f"{a['recipe']['steps']}" + (f" of {a['of_steps']}" if a.get("of_steps", a["recipe"]["steps"]) != a["recipe"]["steps"] else ""),
                             "yes" if a["recipe"].get("translation_phrasebook") else "no",
                             f"{a['data_tokens']:,}" if a.get("data_tokens") else "-",

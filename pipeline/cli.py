@@ -170,7 +170,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from esft.pretrain import ASSET_DIR, PRESETS, pretrain
 
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
-                "balance_scope": args.balance_scope, "measure_at": tuple(args.measure_at) if args.measure_at else None,
+                "balance_scope": args.balance_scope, "balance_window": args.balance_window, "measure_at": tuple(args.measure_at) if args.measure_at else None,
                 "translation_phrasebook": args.translation_phrasebook or None}
     recipe = replace(PRESETS[args.preset], **{k: v for k, v in settings.items() if v is not None})
     recipe.validate()
@@ -335,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="pretraining steps (default: the preset's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--balance-loss-coef", type=float, help="weight of the expert-balance loss (default: the preset's)")
-    p.add_argument("--balance-scope", choices=["batch", "sequence"], help="balance expert load per batch (default) or per sequence")
+    p.add_argument("--balance-scope", choices=["batch", "sequence", "global"],
+                   help="balance expert load per batch (default), per sequence, or over a window of recent batches (global)")
+    p.add_argument("--balance-window", type=int, help="batches in the global balance window (default: the preset's)")
     p.add_argument("--translation-phrasebook", action="store_true",
                    help="also pretrain on a Veltish phrasebook (English, then Veltish) among the raw translation text")
     p.add_argument("--measure-at", type=int, nargs="*", help="also measure routing specialisation at these steps")

@@ -20,6 +20,7 @@ from esft.pretrain import (
     PretrainRecipe,
     balance_loss,
     check_gates,
+    expert_slots,
     mini_moe_config,
     pretrain,
 )
@@ -43,6 +44,24 @@ def test_balance_loss_batch_vs_sequence_scope():
     # layers are averaged
     collapsed = one_hot_logits([0] * 8)  # everything on expert 0: 4 * 1 * 1 = 4
     assert float(balance_loss((logits, collapsed), top_k=1)) == pytest.approx((1.0 + 4.0) / 2, abs=1e-6)
+
+
+def test_global_balance_counts_load_over_earlier_batches():
+    # This batch (4 tokens) uses only experts 0-1, as a one-domain batch would; an earlier batch
+    # used only experts 2-3. Over the window the load is even (f = 1/4 each), so the loss is
+    # E * sum f P = 4 * (1/4 * 1/2 + 1/4 * 1/2) = 1: nothing pushes this batch to spread out.
+    logits = one_hot_logits([0, 1, 0, 1])
+    earlier = expert_slots((one_hot_logits([2, 3, 2, 3]),), top_k=1)[:, 0]
+    assert earlier.tolist() == [[0.0, 0.0, 2.0, 2.0]]
+    assert float(balance_loss((logits,), top_k=1, earlier_slots_LE=earlier)) == pytest.approx(1.0, abs=1e-6)
+    # batch scope alone sees f = P = 1/2 on two experts: 4 * 2 * (1/4) = 2
+    assert float(balance_loss((logits,), top_k=1)) == pytest.approx(2.0, abs=1e-6)
+    # the gradient still reaches the current batch's router probabilities (unsaturated logits)
+    soft = (logits / 30).requires_grad_(True)
+    balance_loss((soft,), top_k=1, earlier_slots_LE=earlier).backward()
+    assert float(soft.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="rows=1"):
+        balance_loss((logits,), top_k=1, rows=2, earlier_slots_LE=earlier)
 
 
 def test_recipe_validation_names_the_setting():
@@ -131,6 +150,6 @@ def test_the_card_tabulates_only_ablation_runs_of_the_same_recipe():
              "answer_loss": losses}]
     card = model_card(report, rows)
     table = card.split("## Ablation: the routing knobs", 1)[1]
-    assert "| batch | 0.001 | 600 of 2400 | yes | 1,234,567 |" in table
+    assert "| batch-level | 0.001 | 600 of 2400 | yes | 1,234,567 |" in table
     assert "0.0777" not in table
     assert "## Ablation" not in model_card(report, rows[1:])

@@ -115,7 +115,7 @@ def plant_pickles(run_dir: Path) -> Path:
 @pytest.mark.slow  # a whole sweep
 def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_path, fresh_ray, monkeypatch):
     from pipeline.config import build_config, read_yaml
-    from pipeline.register import generate_text, load_registered
+    from pipeline.register import load_registered
     from pipeline.tune import SweepConfig, run_sweep
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's default: SQLite in its run dir
@@ -171,13 +171,10 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
     version = client.get_model_version_by_alias("tune-test", "champion")
     assert version.tags["selected_experts"] == str(summary["best"]["experts"]) and version.tags["metric_name"] == "numeric"
     assert version.tags["base_model"] == str(assets / "model") and version.tags["base_source"] == "logged"  # small: it travels
-    model, base = load_registered("models:/tune-test@champion", tracking_uri=summary["tracking_uri"])
+    model, _base = load_registered("models:/tune-test@champion", tracking_uri=summary["tracking_uri"])
     untouched = dict(AutoModelForCausalLM.from_pretrained(assets / "model").named_parameters())
     changed = [n for n, p in merge_adapter(model).named_parameters() if not torch.equal(p, untouched[n])]
     assert changed and all(".mlp.experts." in n for n in changed)  # the adapter is in
-    text = generate_text("models:/tune-test@champion", "Tom has 3 apples. What is 3 plus 4?",
-                         tracking_uri=summary["tracking_uri"], max_new_tokens=4)
-    assert isinstance(text, str)
 
 
 @pytest.mark.slow  # a whole sweep
