@@ -3,6 +3,7 @@ validation loss (configs/sweep_asha.yaml) against the grid (configs/sweep.yaml),
 
     python bench/sweep.py                 # both shipped configs, 8 trials each (~25 min on 2 CPU cores)
     python bench/sweep.py --quick         # a tiny version (2 trials each, a few steps) that checks the script runs
+    python bench/sweep.py --steps 480 --eval-every 30   # longer trials, where training outweighs a trial's start-up
 
 Each round runs both sweeps one after the other in one process and one Ray cluster, in fresh run
 directories that share one profile (the order alternates between rounds); the searcher gets exactly as
@@ -41,10 +42,18 @@ QUICK = {"profile": {"n_sample_tokens": 1024, "seq_len": 64, "batch_size": 8},
          "eval": {"max_new_tokens": 8}}
 
 
-def load_variants(quick: bool) -> dict[str, SweepConfig]:
+def load_variants(quick: bool, steps: int | None = None, eval_every: int | None = None) -> dict[str, SweepConfig]:
+    """Both shipped sweeps; `steps` / `eval_every` lengthen every trial of both (validation, checkpoints
+    and ASHA's first rung at every `eval_every` steps)."""
     configs = {name: build_config(SweepConfig, read_yaml(path), {}, where=str(path)) for name, path in VARIANTS.items()}
     for config in configs.values():
         config.register = {**config.register, "enabled": False}  # nothing to register: this compares searches
+        if steps:
+            config.train.update(steps=steps)
+        if eval_every:
+            config.train.update(eval_every=eval_every, save_every=eval_every)
+            if config.scheduler:
+                config.scheduler.update(grace_period=eval_every)
         if quick:
             for section, values in QUICK.items():
                 getattr(config, section).update(values)
@@ -80,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1, help="rounds of both sweeps; the order alternates")
     parser.add_argument("--quick", action="store_true", help="tiny sweeps: checks the script, measures nothing")
+    parser.add_argument("--steps", type=int, help="training steps of every trial (default: the configs')")
+    parser.add_argument("--eval-every", type=int, help="validation / checkpoint / ASHA rung interval (default: the configs')")
     parser.add_argument("--out", default="runs/bench_sweep", help="run directories (one per sweep and round)")
     parser.add_argument("--results", help=f"JSON to write (default {RESULTS.relative_to(ROOT)}; --quick: OUT/quick.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # each sweep keeps its own SQLite store in its run directory
     out = Path(args.out).resolve()
-    configs = load_variants(args.quick)
+    configs = load_variants(args.quick, args.steps, args.eval_every)
     shared_profiles = out / "profiles"
     shared_profiles.mkdir(parents=True, exist_ok=True)
     raw: dict[str, list[dict]] = {"grid": [], "search": []}

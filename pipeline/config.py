@@ -68,3 +68,15 @@ def build_config(cls: type[T], file_values: dict[str, Any], overrides: dict[str,
         return cls(**values)
     except TypeError as error:
         raise ConfigError(f"{where}: {error}") from error
+
+
+def absolute_local_paths(config: Any, *names: str) -> None:
+    """Rewrite the settings `names` of `config` that name an existing local file or directory as
+    absolute paths, in place. Ray workers do not run in the driver's directory (Ray Train moves
+    each worker into its run's storage directory; a job on a cluster runs in its own working
+    directory), so a relative `--model ./my-model` that the driver found would not be found there.
+    Hub ids, `tiny:` models and registry URIs pass through unchanged."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            setattr(config, name, str(Path(value).expanduser().resolve()))

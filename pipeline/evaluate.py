@@ -22,7 +22,7 @@ import numpy as np
 from esft.generation import generate_batch
 from esft.io import atomic_write_text
 from esft.metrics import METRICS, score
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, absolute_local_paths
 
 log = logging.getLogger("esft")
 
@@ -185,6 +185,7 @@ def run_lm_eval(config: EvalConfig) -> dict:
 def run_eval(config: EvalConfig) -> dict:
     """Validate, generate on Ray Data, score, write metrics and predictions."""
     config.validate()
+    absolute_local_paths(config, "model", "tokenizer", "adapter", "merged")
     rows = read_eval_rows(config.data)
     if config.adapter:
         from esft.adapter import check_adapter

@@ -39,7 +39,7 @@ from esft.io import atomic_directory, atomic_write_text
 from esft.report import concentration_markdown, concentration_table, overlap, save_heatmaps
 from esft.scores import SCORES_FILENAME, SUMMARY_FILENAME, ExpertScores, RowSums, ScoresError, add_rows
 from pipeline.cluster import largest_node_cpus
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, absolute_local_paths
 from pipeline.data import Source, check_readable, packed_dataset, resolve_source, unique_task_names
 
 log = logging.getLogger("esft")
@@ -254,6 +254,7 @@ def overlap_report(results: list[TaskProfile]) -> tuple[dict, str]:
 def run_profile(config: ProfileConfig) -> list[TaskProfile]:
     """Validate everything, profile every corpus, then write all outputs at once."""
     config.validate()
+    absolute_local_paths(config, "model", "tokenizer")
     sources = unique_task_names([resolve_source(spec) for spec in config.data])
     for source in sources:
         check_readable(source)

@@ -40,7 +40,7 @@ import numpy as np
 from esft.io import atomic_directory, atomic_write_text
 from esft.training import PAPER_GRAD_CLIP, PAPER_LR
 from pipeline.cluster import check_visible_from_every_node, largest_node_cpus
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, absolute_local_paths
 from pipeline.deepspeed_config import load_deepspeed_config
 from pipeline.profile import ensure_ray
 
@@ -175,6 +175,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> dict:
     """Validate, prepare data, train on Ray, export the result into --out. Returns the metrics.
     `callbacks`: Ray Train callbacks for this run (a sweep forwards every report to its Tune trial)."""
     config.validate()
+    absolute_local_paths(config, "model", "tokenizer", "expert_config")
     out = Path(config.out).resolve()
     if out.exists() and any(out.iterdir()) and not config.resume:
         raise FileExistsError(f"{out} already exists; pass --resume to continue that run, or choose another --out")

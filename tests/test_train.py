@@ -105,12 +105,16 @@ def test_a_dead_worker_is_replaced_and_the_result_is_bitwise_identical(assets, u
     assert all(torch.equal(reference[k], recovered[k]) for k in reference)
 
 
-def test_resume_continues_to_the_same_result(assets, uninterrupted, tmp_path):
+def test_resume_continues_to_the_same_result(assets, uninterrupted, tmp_path, monkeypatch):
+    # Paths relative to where the user is, as typed on a command line: the workers run elsewhere
+    # (Ray Train moves each into its run's storage directory) and must still find them.
+    monkeypatch.chdir(assets)
+    relative = {"model": "model", "data": "train.jsonl", "expert_config": "expert_cfg.json", "general_data": "general.jsonl"}
     out = tmp_path / "resumed"
-    run_train(config(assets, out, steps=4))
+    run_train(config(assets, out, steps=4, **relative))
     with pytest.raises(FileExistsError, match="pass --resume"):
-        run_train(config(assets, out))
-    metrics = run_train(config(assets, out, resume=True))
+        run_train(config(assets, out, **relative))
+    metrics = run_train(config(assets, out, resume=True, **relative))
     assert [r["step"] for r in metrics["history"]] == list(range(1, 9))
     reference = adapter_tensors(uninterrupted[0] / "adapter")
     resumed = adapter_tensors(out / "adapter")
