@@ -252,13 +252,13 @@ def expert_slots(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int 
     counts = []
     for logits_TE in router_logits:
         chosen_GTK = logits_TE.detach().topk(top_k, dim=-1).indices.view(rows, -1, top_k)
-        counts.append(torch.zeros(rows, logits_TE.shape[-1]).scatter_add_(
-            1, chosen_GTK.flatten(1), torch.ones(chosen_GTK.flatten(1).shape)))
+        counts.append(torch.zeros(rows, logits_TE.shape[-1], device=logits_TE.device).scatter_add_(
+            1, chosen_GTK.flatten(1), torch.ones(chosen_GTK.flatten(1).shape, device=logits_TE.device)))
     return torch.stack(counts)
 
 
 def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1,
-                 earlier_slots_LE: torch.Tensor | None = None) -> torch.Tensor:
+                 earlier_slots_LE: torch.Tensor | None = None, slots_LGE: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-transformer load balancing, averaged over MoE layers: E * sum_e f_e * P_e, where f_e is
     the share of routing slots that went to expert e and P_e its mean router probability over a
     group of tokens: the whole batch (rows=1) or each of `rows` sequences, then averaged.
@@ -268,8 +268,9 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int 
     Sequence-level balance forces each sequence (mostly one domain) to spread over all experts,
     which works against specialisation; batch-level balance lets a batch's domains share the
     experts out, and a global window, holding many batches' worth of every domain, balances only
-    the load over the whole mixture, so an expert may serve one domain alone."""
-    slots_LGE = expert_slots(router_logits, top_k, rows)
+    the load over the whole mixture, so an expert may serve one domain alone. `slots_LGE`: this
+    batch's `expert_slots`, when the caller has counted them already."""
+    slots_LGE = expert_slots(router_logits, top_k, rows) if slots_LGE is None else slots_LGE
     if earlier_slots_LE is not None:
         if rows != 1:
             raise ValueError("balance_loss: a global window needs rows=1")
@@ -279,7 +280,7 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int 
     for logits_TE, share_GE in zip(router_logits, share_LGE):
         probs_GTE = logits_TE.float().softmax(dim=-1).view(rows, -1, logits_TE.shape[-1])
         num_experts = probs_GTE.shape[-1]
-        losses.append(num_experts * (share_GE.to(probs_GTE.device) * probs_GTE.mean(dim=1)).sum(dim=1).mean())
+        losses.append(num_experts * (share_GE * probs_GTE.mean(dim=1)).sum(dim=1).mean())
     return torch.stack(losses).mean()
 
 
@@ -315,9 +316,10 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
             group["lr"] = learning_rate(step, recipe)
         output = model(input_ids=batch, labels=batch, output_router_logits=True)
         if recipe.balance_scope == "global":
+            current_LGE = expert_slots(output.router_logits, top_k)
             earlier = torch.stack(list(recent_slots)).sum(dim=0) if recent_slots else None
-            balance = balance_loss(output.router_logits, top_k, earlier_slots_LE=earlier)
-            recent_slots.append(expert_slots(output.router_logits, top_k)[:, 0])
+            balance = balance_loss(output.router_logits, top_k, earlier_slots_LE=earlier, slots_LGE=current_LGE)
+            recent_slots.append(current_LGE[:, 0])
         else:
             balance = balance_loss(output.router_logits, top_k, rows=len(batch) if recipe.balance_scope == "sequence" else 1)
         (output.loss + recipe.balance_loss_coef * balance).backward()

@@ -170,7 +170,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from esft.pretrain import ASSET_DIR, PRESETS, pretrain
 
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
-                "balance_scope": args.balance_scope, "balance_window": args.balance_window, "measure_at": tuple(args.measure_at) if args.measure_at else None,
+                "balance_scope": args.balance_scope, "balance_window": args.balance_window,
+                "measure_at": tuple(args.measure_at) if args.measure_at else None,
                 "translation_phrasebook": args.translation_phrasebook or None}
     recipe = replace(PRESETS[args.preset], **{k: v for k, v in settings.items() if v is not None})
     recipe.validate()

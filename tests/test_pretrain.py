@@ -64,6 +64,25 @@ def test_global_balance_counts_load_over_earlier_batches():
         balance_loss((logits,), top_k=1, rows=2, earlier_slots_LE=earlier)
 
 
+def test_a_global_window_of_one_batch_is_batch_balance():
+    # The training loop's global path with a window of 1 holds no earlier batch: it must train
+    # exactly as batch-level balance does (same losses and balance values, step by step).
+    from transformers import AutoModelForCausalLM
+
+    from esft.pretrain import train
+
+    def history(scope: str) -> list[tuple[float, float]]:
+        recipe = PretrainRecipe(steps=3, batch_rows=2, seq_len=16, balance_scope=scope, balance_window=1, log_every=1,
+                                layers=2, routed_experts=8, experts_per_token=2, shared_experts=1, expert_width=8,
+                                warmup_steps=1)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(mini_moe_config(64, recipe))
+        blocks = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+        return [(h["loss"], h["balance"]) for h in train(model, blocks, recipe)]
+
+    assert history("global") == history("batch")
+
+
 def test_recipe_validation_names_the_setting():
     with pytest.raises(ValueError, match="balance_scope"):
         PretrainRecipe(balance_scope="token").validate()
