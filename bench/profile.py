@@ -124,6 +124,21 @@ def reference_loop(model, model_dir: Path, data: Path, tokens: int, log_dir: Pat
     return done / (time.perf_counter() - start)
 
 
+def pipeline_throughput(model_dir: Path, data: Path, out: Path, args: argparse.Namespace):
+    """`run_profile` end to end on a fresh local Ray (its start-up not counted): tokens/s and the result."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        result = run_profile(ProfileConfig(model=str(model_dir), data=[str(data)], out=str(out),
+                                           n_sample_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                                           gpus_per_replica=1.0 if args.device == "cuda" else 0.0))[0]
+        return result.scores.total_tokens / (time.perf_counter() - start), result
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=262144)
@@ -135,44 +150,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: one GPU replica in the pipeline, the bare forward on the same GPU")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--rounds", type=int, default=3, help="pipeline and bare forward measured side by side this many times")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import ray
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, data = build_assets(root, n_samples=max(2000, args.tokens // 20), shape=args.model_config,
                                        device=args.device, dtype=dtype)
         batches = packed_batches(model_dir, data, args.seq_len, args.batch_size, args.tokens)
-
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-        start = time.perf_counter()
-        result = run_profile(ProfileConfig(model=str(model_dir), data=[str(data)], out=str(root / "profile"),
-                                           n_sample_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                           gpus_per_replica=1.0 if args.device == "cuda" else 0.0))[0]
-        pipeline_seconds = time.perf_counter() - start
-        ray.shutdown()
-        pipeline = result.scores.total_tokens / pipeline_seconds
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
-        bare = bare_forward(model, batches)
+        rounds = []
+        for i in range(args.rounds):  # interleaved, the order alternating: this machine's speed drifts
+            measured = {}
+            for variant in (("pipeline", "bare_forward") if i % 2 == 0 else ("bare_forward", "pipeline")):
+                if variant == "bare_forward":
+                    measured["bare_forward"] = bare_forward(model, batches)
+                else:
+                    measured["pipeline"], result = pipeline_throughput(model_dir, data, root / f"profile{i}", args)
+            measured["ratio"] = measured["pipeline"] / measured["bare_forward"]
+            rounds.append(measured)
+            print(f"round {i + 1}/{args.rounds}: pipeline {measured['pipeline']:.0f} tok/s, bare forward "
+                  f"{measured['bare_forward']:.0f} tok/s, ratio {measured['ratio']:.3f}", file=sys.stderr)
         reference = None
         if args.reference_tokens:
             (root / "ref").mkdir()
             reference = reference_loop(model, model_dir, data, args.reference_tokens, root / "ref")
 
+    pipeline, bare = (float(np.median([r[k] for r in rounds])) for k in ("pipeline", "bare_forward"))
     print(json.dumps({
         "ratios": {
-            "pipeline_over_bare_forward": pipeline / bare,
+            "pipeline_over_bare_forward": float(np.median([r["ratio"] for r in rounds])),  # median of the rounds' ratios
             **({"pipeline_over_reference_loop": pipeline / reference} if reference else {}),
         },
         "raw": {
-            "tokens_per_second": {"bare_forward": bare, "pipeline": pipeline, "reference_loop": reference},
-            "pipeline_seconds": pipeline_seconds,
+            "tokens_per_second": {"bare_forward": bare, "pipeline": pipeline, "reference_loop": reference},  # medians
+            "rounds": rounds,
             "pipeline_tokens": result.scores.total_tokens,
         },
         "config": {"model": json.loads(args.model_config.read_text()), "tokens": args.tokens, "seq_len": args.seq_len,
-                   "batch_size": args.batch_size, "reference_tokens": args.reference_tokens,
+                   "batch_size": args.batch_size, "reference_tokens": args.reference_tokens, "rounds": args.rounds,
                    "cpus": os.cpu_count(), "device": args.device, "dtype": str(dtype).removeprefix("torch.")},
     }))
     return 0

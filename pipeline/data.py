@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def check_readable(source: Source) -> None:
 
 
 BLOCK_BYTES = 128 * 2**20
+# Packed rows per streamed chunk (rounded to whole batches): small enough that the first forward
+# starts within a second, large enough that per-chunk overhead is noise.
+CHUNK_ROWS = 64
 
 
 def _num_blocks(total_bytes: int) -> int:
@@ -123,34 +127,54 @@ def pack_block(
     seed: int,
     max_tokens: int,
     loss_tokens_only: bool,
-) -> dict[str, np.ndarray]:
+    chunk_rows: int,
+) -> Iterator[dict[str, np.ndarray]]:
     """One block of raw rows -> packed rows, in a seeded order, stopping after `max_tokens`
     counted tokens (no single block is ever needed beyond the whole budget).
 
-    Malformed rows are skipped; their count and one example travel with the first output row so
-    the driver can report them."""
+    Streams: rows are parsed, tokenized and packed lazily and yielded `chunk_rows` at a time, so
+    the replicas start computing on the first chunk while the rest is packed (a whole 1M-token
+    block took seconds to pack before the first forward). The rows, their order and thus every
+    batch are the same whatever `chunk_rows` is, as long as it is a multiple of the batch size.
+
+    Malformed rows (among those read before the budget is reached) are skipped; their count and
+    one example travel with the first row of the chunk that follows them, so the driver can
+    report them."""
     tok = cached_tokenizer(tokenizer, trust_remote_code)
     records = table.to_pylist()
     random.Random(seed).shuffle(records)
-    conversations, skipped, example = [], 0, ""
-    for record in records:
-        try:
-            conversation = parse_line(record["text"], where) if kind == "jsonl" else parse_record(_plain(record), where)
-        except DataError as error:
-            skipped, example = skipped + 1, example or str(error)
-            continue
-        if conversation is not None:
-            conversations.append(conversation)
-    rows, counted = [], 0
-    samples = tokenize_conversations(conversations, tok, template=template)
-    for row in iter_packed_rows(samples, seq_len, pad_id=pad_id_of(tok), bos_id=tok.bos_token_id, random_concat_ratio=0.0, seed=seed):
-        rows.append(row)
+    skips = {"count": 0, "example": ""}
+
+    def conversations():
+        for record in records:
+            try:
+                conversation = parse_line(record["text"], where) if kind == "jsonl" else parse_record(_plain(record), where)
+            except DataError as error:
+                skips["count"] += 1
+                skips["example"] = skips["example"] or str(error)
+                continue
+            if conversation is not None:
+                yield conversation
+
+    samples = tokenize_conversations(conversations(), tok, template=template)
+    packed = iter_packed_rows(samples, seq_len, pad_id=pad_id_of(tok), bos_id=tok.bos_token_id, random_concat_ratio=0.0, seed=seed)
+    chunk, counted, reported = [], 0, 0
+    for row in packed:
+        chunk.append(row)
         counted += sum(1 for label, m in zip(row.labels, row.attention_mask) if m and (label != -100 or not loss_tokens_only))
         if counted >= max_tokens:
             break
-    if not rows and skipped:
-        # Nothing usable in this block: one all-padding row still carries the skip count.
-        rows.append(PackedRow([pad_id_of(tok)] * seq_len, [-100] * seq_len, [0] * seq_len))
+        if len(chunk) == chunk_rows:
+            yield _packed_arrays(chunk, seq_len, loss_tokens_only, skips["count"] - reported, skips["example"])
+            reported, chunk = skips["count"], []
+    if not chunk and skips["count"] > reported:
+        # Nothing usable since the last chunk: one all-padding row still carries the skip count.
+        chunk.append(PackedRow([pad_id_of(tok)] * seq_len, [-100] * seq_len, [0] * seq_len))
+    if chunk:
+        yield _packed_arrays(chunk, seq_len, loss_tokens_only, skips["count"] - reported, skips["example"])
+
+
+def _packed_arrays(rows: list[PackedRow], seq_len: int, loss_tokens_only: bool, skipped: int, example: str) -> dict[str, np.ndarray]:
     n = len(rows)
     attention = np.asarray([row.attention_mask for row in rows], np.int8).reshape(n, seq_len)
     labels = np.asarray([row.labels for row in rows], np.int64).reshape(n, seq_len)
@@ -158,8 +182,8 @@ def pack_block(
         "input_ids": np.asarray([row.input_ids for row in rows], np.int64).reshape(n, seq_len),
         "attention_mask": attention,
         "token_mask": attention * (labels != -100) if loss_tokens_only else attention,
-        "skipped_rows": np.asarray([skipped] + [0] * (n - 1) if n else [], np.int64),
-        "skipped_example": np.asarray([example] + [""] * (n - 1) if n else [], dtype=object),
+        "skipped_rows": np.asarray([skipped] + [0] * (n - 1), np.int64),
+        "skipped_example": np.asarray([example if skipped else ""] + [""] * (n - 1), dtype=object),
     }
 
 
@@ -183,9 +207,11 @@ def _plain(record: dict) -> dict:
 
 
 def packed_dataset(source: Source, *, tokenizer: str, trust_remote_code: bool, template: str, seq_len: int,
-                   seed: int, max_tokens: int, loss_tokens_only: bool) -> ray.data.Dataset:
+                   seed: int, max_tokens: int, loss_tokens_only: bool, batch_size: int) -> ray.data.Dataset:
     """Read, shuffle (seeded block order, then a seeded order inside each block), tokenize and
-    pack a source. Blocks are packed whole, so packing never depends on how many replicas run."""
+    pack a source. Blocks are packed whole, so packing never depends on how many replicas run;
+    each comes out in chunks of whole batches (`batch_size` rows each), so the replicas' batches
+    are the same rows whatever the chunking."""
     return (
         read_source(source)
         .randomize_block_order(seed=seed)
@@ -196,6 +222,7 @@ def packed_dataset(source: Source, *, tokenizer: str, trust_remote_code: bool, t
             fn_kwargs=dict(
                 kind=source.kind, where=source.spec, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
                 template=template, seq_len=seq_len, seed=seed, max_tokens=max_tokens, loss_tokens_only=loss_tokens_only,
+                chunk_rows=batch_size * max(1, CHUNK_ROWS // batch_size),
             ),
         )
     )

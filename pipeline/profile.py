@@ -180,7 +180,7 @@ def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertS
     dataset = packed_dataset(
         source, tokenizer=config.tokenizer or config.model, trust_remote_code=config.trust_remote_code,
         template=config.template, seq_len=config.seq_len, seed=config.seed, max_tokens=config.n_sample_tokens,
-        loss_tokens_only=config.loss_tokens_only,
+        loss_tokens_only=config.loss_tokens_only, batch_size=config.batch_size,
     ).map_batches(
         RoutingProfiler,
         batch_size=config.batch_size,
@@ -201,7 +201,7 @@ def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertS
             if scores.total_tokens >= config.n_sample_tokens:
                 break
             add_rows(scores, rows.row(b))
-            rows_used += 1
+            rows_used += int(rows.tokens_BL[b, 0] > 0)  # not the all-padding row that only carries a skip count
         now = time.perf_counter()
         if now - last_report > 5:
             last_report = now

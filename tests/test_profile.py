@@ -47,13 +47,33 @@ def config(assets, out, **overrides) -> ProfileConfig:
     return ProfileConfig(**{**values, **overrides})
 
 
+def packed_rows(assets, budget: int, chunk_rows: int, lines: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The math corpus packed as one block by the pipeline's packer, its chunks concatenated."""
+    lines = lines or open(assets["math"]).read().splitlines()
+    chunks = list(pack_block(pa.table({"text": lines}), kind="jsonl", where=assets["math"], tokenizer=assets["model"],
+                             trust_remote_code=False, template="reference", seq_len=SEQ_LEN, seed=3, max_tokens=budget,
+                             loss_tokens_only=False, chunk_rows=chunk_rows))
+    return {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
+
+
+def test_packing_streams_chunks_of_the_same_rows_and_reports_every_skip(assets):
+    lines = open(assets["math"]).read().splitlines()
+    lines[5:5] = ["not json", '{"messages": []}']  # two malformed rows
+    whole = packed_rows(assets, 10**6, chunk_rows=10**9, lines=lines)  # the whole corpus: every row read
+    chunks = list(pack_block(pa.table({"text": lines}), kind="jsonl", where=assets["math"], tokenizer=assets["model"],
+                             trust_remote_code=False, template="reference", seq_len=SEQ_LEN, seed=3, max_tokens=10**6,
+                             loss_tokens_only=False, chunk_rows=BATCH))
+    assert len(chunks) > 3 and all(len(c["input_ids"]) == BATCH for c in chunks[:-1])
+    for key in ("input_ids", "attention_mask", "token_mask"):
+        assert np.array_equal(np.concatenate([c[key] for c in chunks]), whole[key]), key
+    assert sum(int(c["skipped_rows"].sum()) for c in chunks) == int(whole["skipped_rows"].sum()) == 2
+    assert [e for c in chunks for e in c["skipped_example"] if e][0].startswith(assets["math"])
+
+
 def single_process_scores(assets, budget: int, threads: int) -> ExpertScores:
     """The same packed rows, profiled in this process with the same batch boundaries and thread
     count as a replica: the same computation, so the same bits."""
-    lines = [line for line in open(assets["math"]).read().splitlines()]
-    packed = pack_block(pa.table({"text": lines}), kind="jsonl", where=assets["math"], tokenizer=assets["model"],
-                        trust_remote_code=False, template="reference", seq_len=SEQ_LEN, seed=3, max_tokens=budget,
-                        loss_tokens_only=False)
+    packed = packed_rows(assets, budget, chunk_rows=10**9)
     model = AutoModelForCausalLM.from_pretrained(assets["model"])
     scores = ExpertScores.empty((1, 2, 3), 16, 2)
     previous_threads = torch.get_num_threads()
@@ -70,7 +90,10 @@ def single_process_scores(assets, budget: int, threads: int) -> ExpertScores:
     return scores
 
 
-def test_pipeline_sums_equal_single_process_and_do_not_depend_on_replicas(assets, tmp_path):
+def test_pipeline_sums_equal_single_process_and_do_not_depend_on_replicas(assets, tmp_path, monkeypatch):
+    import pipeline.data
+
+    monkeypatch.setattr(pipeline.data, "CHUNK_ROWS", BATCH)  # packed rows stream to the replicas a batch at a time
     # Same batches whatever the replica count, and one thread everywhere: the same computation in
     # every replica and here, so the sums are bit-identical (a different thread count may round
     # the router weights differently on some CPUs; see pipeline/profile.py).
