@@ -31,11 +31,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from esft.errors import EsftError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -504,6 +503,8 @@ def pack_samples(
 
 def collate_rows(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
     """Stack rows into a batch of int64 tensors of shape (len(rows), seq_length)."""
+    import torch  # here, not at the top: Ray workers that only tokenize and pack never need torch
+
     if not rows:  # a caller's bug (batches are slices of non-empty row lists): plain ValueError
         raise ValueError("cannot collate an empty batch")
     return {

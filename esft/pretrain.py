@@ -100,6 +100,7 @@ class PretrainRecipe:
     domain_blocks: bool = True  # one domain per pretraining block (as a window of a long document) or a mixed stream
     tokenizer_sees_template: bool = True  # train the tokenizer on "User: ... Assistant: ..." (template words as tokens)
     translation_phrasebook: bool = False  # raw translation text also as "English: ...\nVeltish: ..." (the task's direction)
+    summary_digest: bool = False  # raw news also as "<article>\nIn brief: <summary>" (the summary copies from the text before it)
     vocab_size: int = 2048
     # architecture (DeepSeek-V2: the first layer dense, then MoE layers); DeepSeek-V2-Lite's proportions
     layers: int = 7
@@ -121,6 +122,10 @@ class PretrainRecipe:
     log_every: int = 50
     measure_at: tuple[int, ...] = (600, 1200, 1800)  # also measure routing specialisation at these steps
     measure_rows: int = 400  # rows per domain profiled for the gates (half as many for losses, a quarter generated)
+
+    def extra_raw_text(self) -> dict[str, bool]:
+        """Per domain, whether its EXTRA_RAW_GENERATORS are drawn from too."""
+        return {"translation": self.translation_phrasebook, "summary": self.summary_digest}
 
     def validate(self) -> None:
         for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows", "balance_window",
@@ -198,7 +203,7 @@ def pretraining_corpus(recipe: PretrainRecipe) -> list[Document]:
                       for i, record in enumerate(synthetic.rows(domain, count, seed=recipe.seed))]
     for domain in synthetic.RAW_GENERATORS:
         count = recipe.held_out_raw_documents if domain in synthetic.HELD_OUT_TASKS else recipe.raw_documents
-        extra = recipe.translation_phrasebook and domain == "translation"
+        extra = recipe.extra_raw_text().get(domain, False)
         documents += [Document(domain, text=text) for text in synthetic.raw_documents(domain, count, recipe.seed, extra_kinds=extra)]
     if not recipe.domain_blocks:
         random.Random(f"pretrain:{recipe.seed}").shuffle(documents)
@@ -520,12 +525,14 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
         lines += ["", "## Ablation: the routing knobs", "",
                   ("Pretraining runs with this recipe's architecture and data mix, measured by the same gates; `steps` "
                    "is where a run was measured (`of` its length when measured along the way of a longer run); "
-                   "`phrasebook`: the recipe's translation_phrasebook (more raw translation text, in the task's direction)."), "",
-                  *_table(["balance", "coef", "steps", "phrasebook", "data tokens", *[label for label, *_ in GATES],
+                   "`extra raw text`: the recipe's translation_phrasebook (raw translation text in the task's direction) "
+                   "and summary_digest (news articles followed by their summary)."), "",
+                  *_table(["balance", "coef", "steps", "extra raw text", "data tokens", *[label for label, *_ in GATES],
                            *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
                           [[balance_description(a["recipe"]), a["recipe"]["balance_loss_coef"],
                             f"{a['recipe']['steps']}" + (f" of {a['of_steps']}" if a.get("of_steps", a["recipe"]["steps"]) != a["recipe"]["steps"] else ""),
-                            "yes" if a["recipe"].get("translation_phrasebook") else "no",
+                            ", ".join(name for key, name in (("translation_phrasebook", "phrasebook"), ("summary_digest", "digest"))
+                                      if a["recipe"].get(key)) or "none",
                             f"{a['data_tokens']:,}" if a.get("data_tokens") else "-",
                             *[a["figures"][key] for _, key, *_ in GATES],
                             *[a["answer_loss"][t] for t in synthetic.HELD_OUT_TASKS]] for a in ablation])]

@@ -760,6 +760,14 @@ def _news_article(rng: random.Random) -> str:
     return f"{summary.removesuffix('.').upper()}\n{prompt.removeprefix('Summarize: ')}"
 
 
+def _news_digest(rng: random.Random) -> str:
+    """A news-digest entry: the article, then its one-line summary. The direction the task goes:
+    the summary repeats the name, place and day from the text above it (a headline put first, as
+    in `_news_article`, can only be guessed)."""
+    prompt, summary = _train_example(_summary_problem, rng)
+    return f"{prompt.removeprefix('Summarize: ')}\nIn brief: {summary}"
+
+
 RAW_GENERATORS: dict[str, tuple[Callable[[random.Random], str], ...]] = {
     "math": (_math_story, _math_drill, _math_exercise, _math_solution),
     "code": (_repl_session, _script_run, _program_output),
@@ -770,10 +778,12 @@ RAW_GENERATORS: dict[str, tuple[Callable[[random.Random], str], ...]] = {
 }
 
 
-# Document kinds a pretraining recipe may add (PretrainRecipe.translation_phrasebook); kept apart so
-# that the shipped recipe's corpus stays exactly what built the shipped weights.
+# Document kinds a pretraining recipe may add (PretrainRecipe.translation_phrasebook and
+# summary_digest); kept apart so that the shipped recipe's corpus stays exactly what built the
+# shipped weights.
 EXTRA_RAW_GENERATORS: dict[str, tuple[Callable[[random.Random], str], ...]] = {
     "translation": (_veltish_phrasebook,),
+    "summary": (_news_digest,),
 }
 
 

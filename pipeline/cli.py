@@ -172,7 +172,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
                 "balance_scope": args.balance_scope, "balance_window": args.balance_window,
                 "measure_at": tuple(args.measure_at) if args.measure_at else None,
-                "translation_phrasebook": args.translation_phrasebook or None}
+                "translation_phrasebook": args.translation_phrasebook or None, "summary_digest": args.summary_digest or None}
     recipe = replace(PRESETS[args.preset], **{k: v for k, v in settings.items() if v is not None})
     recipe.validate()
     out = Path(args.out or ASSET_DIR)
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance-window", type=int, help="batches in the global balance window (default: the preset's)")
     p.add_argument("--translation-phrasebook", action="store_true",
                    help="also pretrain on a Veltish phrasebook (English, then Veltish) among the raw translation text")
+    p.add_argument("--summary-digest", action="store_true",
+                   help="also pretrain on news digests (an article, then its summary) among the raw summary text")
     p.add_argument("--measure-at", type=int, nargs="*", help="also measure routing specialisation at these steps")
     p.add_argument("--ablation", help="JSON rows from bench/pretrain_ablation.py to tabulate in the model card")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")

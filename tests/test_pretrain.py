@@ -157,7 +157,7 @@ def test_the_shipped_design_has_deepseek_v2_lite_proportions():
 
 def test_the_card_tabulates_only_ablation_runs_of_the_same_recipe():
     """Rows with the recipe's architecture and data mix are tabulated (balance knob, where a run was
-    measured, phrasebook); a run on another data mix is left out, however good its figures."""
+    measured, extra raw text); a run on another data mix is left out, however good its figures."""
     from esft.pretrain import model_card
 
     report = json.loads((ASSET_DIR / "pretrain_report.json").read_text())
@@ -169,6 +169,6 @@ def test_the_card_tabulates_only_ablation_runs_of_the_same_recipe():
              "answer_loss": losses}]
     card = model_card(report, rows)
     table = card.split("## Ablation: the routing knobs", 1)[1]
-    assert "| batch-level | 0.001 | 600 of 2400 | yes | 1,234,567 |" in table
+    assert "| batch-level | 0.001 | 600 of 2400 | phrasebook | 1,234,567 |" in table
     assert "0.0777" not in table
     assert "## Ablation" not in model_card(report, rows[1:])

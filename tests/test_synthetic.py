@@ -360,3 +360,14 @@ def test_veltish_reader_and_phrasebook_hold_train_sentences_only():
         for veltish, english in re.findall(r"(\w+) - (\w+)", document):
             assert VELTISH[english] == veltish
     assert glossed > 100 and phrases > 50
+
+
+def test_news_digests_put_the_summary_after_its_article_and_hold_train_rows_only():
+    digests = [d for d in raw_documents("summary", 200, seed=4, extra_kinds=True) if "\nIn brief: " in d]
+    assert len(digests) > 50
+    for digest in digests:
+        article, summary = digest.split("\nIn brief: ")
+        assert split_of(f"Summarize: {article}") == "train"
+        name = summary.split(" in ")[0].split(" ")[:3]  # role, first name, surname: copied from the article
+        assert " ".join(name) in article
+    assert not any("\nIn brief: " in d for d in raw_documents("summary", 200, seed=4))
