@@ -199,7 +199,7 @@ def run_eval(config: EvalConfig) -> dict:
             raise ConfigError("eval: --lm-eval-tasks needs lm-eval; `pip install lm-eval` (and its task data)") from error
     from ray.data import ActorPoolStrategy
 
-    from pipeline.profile import ensure_ray, placement_for
+    from pipeline.cluster import ensure_ray, placement_for
 
     ensure_ray()
     placement = placement_for(config.replicas, config.gpus_per_replica, None, reading_cpus=0)  # rows come from memory

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 from esft.io import atomic_directory, atomic_write_text
 from esft.report import concentration_markdown, concentration_table, overlap, save_heatmaps
 from esft.scores import SCORES_FILENAME, SUMMARY_FILENAME, ExpertScores, RowSums, ScoresError, add_rows
-from pipeline.cluster import largest_node_cpus
+from pipeline.cluster import ensure_ray, placement_for
 from pipeline.config import ConfigError, absolute_local_paths
 from pipeline.data import Source, check_readable, packed_dataset, resolve_source, unique_task_names
 
@@ -131,45 +130,6 @@ class TaskProfile:
     @property
     def tokens_per_second(self) -> float:
         return self.scores.total_tokens / max(self.seconds, 1e-9)
-
-
-def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: float | None, threads: int | None = None,
-                  reading_cpus: float = 1.0) -> dict:
-    """Resources of each model replica (profiling and evaluation share this). `threads`: torch
-    threads per CPU replica; default the node's cores shared between the replicas. `reading_cpus`:
-    what Ray Data's read and pack tasks need beside the pool (0 when the rows come from memory)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
-    if gpus_per_replica * replicas > gpus:
-        raise ConfigError(
-            f"{replicas} replicas x {gpus_per_replica} GPUs need {replicas * gpus_per_replica:g} GPUs; the cluster "
-            f"has {gpus:g} GPUs (lower --replicas or --gpus-per-replica, or add GPU nodes)"
-        )
-    largest_node = largest_node_cpus()
-    if cpus_per_replica is not None:
-        per_replica = cpus_per_replica
-    elif gpus_per_replica > 0:
-        per_replica = 1.0
-    else:  # CPU replicas: leave one CPU for reading and packing, or the stream starves (ARCHITECTURE §6)
-        # and never ask for more than one node has: a replica is one process on one node.
-        per_replica = min(max(0.25, (cpus - 1) / replicas), largest_node)
-    if per_replica > largest_node + 1e-9:
-        raise ConfigError(f"a replica x {per_replica:g} CPUs does not fit on any node of the Ray cluster (the largest has "
-                          f"{largest_node:g} CPUs); lower --cpus-per-replica")
-    # Ray does not refuse a pool larger than the cluster: the stream waits for CPUs forever (and a
-    # pool holding every CPU starves the read tasks), so refuse here, before any model is loaded.
-    needed = replicas * per_replica + reading_cpus
-    if needed > cpus + 1e-9:  # the tolerance absorbs rounding in (cpus - 1) / replicas * replicas
-        reading = f" + {reading_cpus:g} CPU to read the data" if reading_cpus else ""
-        raise ConfigError(
-            f"{replicas} replicas x {per_replica:g} CPUs{reading} need {needed:g} CPUs; the Ray cluster offers "
-            f"{cpus:g} (lower --replicas{'' if cpus_per_replica is None else ' or --cpus-per-replica'}, or add nodes)"
-        )
-    if threads is None:
-        threads = max(1, int(os.cpu_count() or 1) // replicas) if gpus_per_replica == 0 else 2
-    return {"num_cpus": per_replica, "threads": threads}
 
 
 def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertScores) -> TaskProfile:
@@ -293,15 +253,3 @@ def _empty_scores_for_model(config: ProfileConfig) -> ExpertScores:
     layers = moe_layers(skeleton)
     metadata = {"model": config.model, "family": family_of(skeleton).name}
     return ExpertScores.empty(tuple(l.index for l in layers), num_experts(layers[0]), top_k(layers[0]), metadata)
-
-
-def ensure_ray() -> None:
-    import ray
-    from ray.data import DataContext
-
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=False)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress lines replace its INFO logs
-    context = DataContext.get_current()
-    context.execution_options.preserve_order = True  # rows merge in a fixed order, whatever the replicas
-    context.enable_progress_bars = False  # the driver prints its own progress

@@ -39,10 +39,9 @@ import numpy as np
 
 from esft.io import atomic_directory, atomic_write_text
 from esft.training import PAPER_GRAD_CLIP, PAPER_LR
-from pipeline.cluster import check_visible_from_every_node, largest_node_cpus
+from pipeline.cluster import check_visible_from_every_node, ensure_ray, largest_node_cpus
 from pipeline.config import ConfigError, absolute_local_paths
 from pipeline.deepspeed_config import load_deepspeed_config
-from pipeline.profile import ensure_ray
 
 log = logging.getLogger("esft")
 
@@ -111,7 +110,6 @@ class TrainConfig:
 
 def _pack(conversations, tokenizer, config: TrainConfig, random_concat_ratio: float) -> np.ndarray:
     from esft.data import pack_samples, tokenize_conversations
-
     from pipeline.data import pad_id_of
 
     rows = pack_samples(tokenize_conversations(conversations, tokenizer, template=config.template), config.seq_len,

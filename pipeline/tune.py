@@ -726,7 +726,7 @@ def _tune_config(config: SweepConfig, train: dict, mode: str, journal: dict[str,
 def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     from ray import tune
 
-    from pipeline.profile import ensure_ray
+    from pipeline.cluster import ensure_ray
     from pipeline.register import artifact_root, default_tracking_uri
     from pipeline.run import prepare_embedded
     from pipeline.tracking import SweepTracker, finish_parent_run, start_parent_run

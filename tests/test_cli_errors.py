@@ -338,8 +338,8 @@ def two_cpu_cluster(monkeypatch):
 
 
 def test_profile_replicas_must_fit_beside_the_readers(two_cpu_cluster):
+    from pipeline.cluster import placement_for
     from pipeline.config import ConfigError
-    from pipeline.profile import placement_for
 
     with pytest.raises(ConfigError, match=r"^8 replicas x 0.25 CPUs \+ 1 CPU to read the data need 3 CPUs; the Ray cluster "
                                           r"offers 2 \(lower --replicas, or add nodes\)"):
@@ -364,8 +364,8 @@ def test_train_workers_must_fit_the_cluster(two_cpu_cluster):
 def test_a_replica_or_worker_never_asks_for_more_than_one_node_has(monkeypatch):
     """Three one-CPU nodes: 3 CPUs in all, but a process runs on one node; asking for 2 CPUs would
     wait for a node that never comes."""
+    from pipeline.cluster import placement_for
     from pipeline.config import ConfigError
-    from pipeline.profile import placement_for
     from pipeline.train import TrainConfig, _check_cluster
 
     fake_cluster(monkeypatch, [1, 1, 1])
