@@ -23,6 +23,7 @@ wall time), `expert_cfg.json`, and `ray/` (Ray Train's run directory with the ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -48,6 +49,9 @@ log = logging.getLogger("esft")
 METHODS = ("esft", "fft", "lora")
 EXPORT_DIR = {"esft": "adapter", "fft": "model", "lora": "lora"}
 RUN_NAME = "train"
+# Rank 0 appends its step lines here and the driver echoes them: Ray keeps workers' output off the
+# driver's terminal (log_to_driver=False, which also keeps Ray's own chatter away).
+PROGRESS_FILE = "progress.log"
 FAULT_ENV = "ESFT_FAULT_INJECT"  # "STEP:RANK:MARKER_FILE": that rank exits once after STEP's checkpoint (recovery tests)
 
 
@@ -202,7 +206,8 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> dict:
         config.cpus_per_worker = 1 if config.use_gpu else max(1, min(int(cpus // config.workers), int(largest_node_cpus())))
     _check_cluster(config)
     check_visible_from_every_node(out, "train: the run directory")  # checkpoints cross nodes
-    loop_config = {"train": asdict(config), "data": {k: ray.put(v) for k, v in data.items()}}
+    loop_config = {"train": asdict(config), "data": {k: ray.put(v) for k, v in data.items()},
+                   "progress_file": str(out / PROGRESS_FILE)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -218,7 +223,8 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> dict:
         ),
     )
     started = time.perf_counter()
-    result = fit_restoring_sigint(trainer)
+    with echo_progress(out / PROGRESS_FILE):
+        result = fit_restoring_sigint(trainer)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     if result.checkpoint is None:
@@ -228,6 +234,38 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> dict:
     log.info("train: done, step %d, loss %.4f, validation loss %s -> %s", last["step"], last["loss"],
              metrics.get("final_valid_loss"), out / EXPORT_DIR[config.method])
     return metrics
+
+
+@contextlib.contextmanager
+def echo_progress(path: Path, poll_seconds: float = 0.5):
+    """While the context is open, log every line rank 0 appends to `path` (lines already there from
+    an earlier run of a resumed one are skipped), then the last ones when it closes."""
+    offset = path.stat().st_size if path.exists() else 0
+    done = threading.Event()
+
+    def echo() -> None:
+        nonlocal offset
+        if path.exists():
+            with open(path, encoding="utf-8") as handle:
+                handle.seek(offset)
+                while line := handle.readline():
+                    if not line.endswith("\n"):  # half-written: read it whole next time
+                        break
+                    offset += len(line.encode("utf-8"))
+                    log.info("train: %s", line.rstrip("\n"))
+
+    def poll() -> None:
+        while not done.wait(poll_seconds):
+            echo()
+
+    thread = threading.Thread(target=poll, name="esft-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        echo()
 
 
 def fit_restoring_sigint(trainer):
@@ -314,7 +352,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last_time = time.perf_counter()  # evaluation is not training throughput
         history.append(record)
         if rank == 0:
-            _log_progress(record, config, history)
+            _log_progress(record, config, history, loop_config["progress_file"])
         # Only checkpoint steps report to Ray: a report is a barrier on every rank, and the history
         # travels inside the checkpoint anyway.
         if step % config.save_every == 0 or step == config.steps:
@@ -434,12 +472,17 @@ def _evaluate(engine, rows: np.ndarray, config: TrainConfig, rank: int, world: i
     return float(totals[0] / totals[1]) if totals[1] else float("nan")
 
 
-def _log_progress(record: dict, config: TrainConfig, history: list[dict]) -> None:
+def _log_progress(record: dict, config: TrainConfig, history: list[dict], progress_file: str) -> None:
+    """One step line, on the worker's output and appended to the run's progress file (which the
+    driver echoes: `echo_progress`)."""
     rates = [r["tokens_per_second"] for r in history[-10:]]
     eta = (config.steps - record["step"]) * config.batch_size * config.grad_accum * config.seq_len / max(np.mean(rates), 1e-9)
     extra = "".join(f"  {k} {record[k]:.4f}" for k in ("valid_loss", "general_loss") if k in record)
-    print(f"[esft train] step {record['step']}/{config.steps}  loss {record['loss']:.4f}{extra}  "
-          f"{record['tokens_per_second']:.0f} tokens/s  ETA {eta:.0f}s", flush=True)
+    line = (f"step {record['step']}/{config.steps}  loss {record['loss']:.4f}{extra}  "
+            f"{record['tokens_per_second']:.0f} tokens/s  ETA {eta:.0f}s")
+    print(f"[esft train] {line}", flush=True)
+    with open(progress_file, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
 
 
 def _optimizer_state_bytes(engine, device) -> int:

@@ -4,6 +4,8 @@ recovery after a worker dies, resume, and the FFT / LoRA baselines through the s
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from esft.trainable import merge_adapter
 from pipeline.config import ConfigError
 from pipeline.deepspeed_config import PRESETS, preset
 from esft import synthetic
-from pipeline.train import FAULT_ENV, TrainConfig, run_train
+from pipeline.train import FAULT_ENV, PROGRESS_FILE, TrainConfig, echo_progress, run_train
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]  # Ray Train runs
@@ -91,6 +93,8 @@ def test_esft_learns_and_touches_only_the_selected_experts(assets, uninterrupted
     assert keys == expected
 
     merged_changing_only_selected_experts(assets / "model", out / "adapter")
+    # rank 0's step lines, which the driver echoes while training runs
+    assert [line.split()[1] for line in (out / PROGRESS_FILE).read_text().splitlines()] == [f"{s}/8" for s in range(1, 9)]
 
 
 def test_a_dead_worker_is_replaced_and_the_result_is_bitwise_identical(assets, uninterrupted, tmp_path, monkeypatch):
@@ -105,7 +109,7 @@ def test_a_dead_worker_is_replaced_and_the_result_is_bitwise_identical(assets, u
     assert all(torch.equal(reference[k], recovered[k]) for k in reference)
 
 
-def test_resume_continues_to_the_same_result(assets, uninterrupted, tmp_path, monkeypatch):
+def test_resume_continues_to_the_same_result(assets, uninterrupted, tmp_path, monkeypatch, caplog):
     # Paths relative to where the user is, as typed on a command line: the workers run elsewhere
     # (Ray Train moves each into its run's storage directory) and must still find them.
     monkeypatch.chdir(assets)
@@ -114,11 +118,28 @@ def test_resume_continues_to_the_same_result(assets, uninterrupted, tmp_path, mo
     run_train(config(assets, out, steps=4, **relative))
     with pytest.raises(FileExistsError, match="pass --resume"):
         run_train(config(assets, out, **relative))
+    caplog.set_level(logging.INFO, logger="esft")
+    caplog.clear()
     metrics = run_train(config(assets, out, resume=True, **relative))
     assert [r["step"] for r in metrics["history"]] == list(range(1, 9))
+    echoed = [r.getMessage().split()[2] for r in caplog.records if r.getMessage().startswith("train: step ")]
+    assert echoed == ["5/8", "6/8", "7/8", "8/8"]  # the driver shows this run's steps, not the first run's again
     reference = adapter_tensors(uninterrupted[0] / "adapter")
     resumed = adapter_tensors(out / "adapter")
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_progress_echo_shows_new_whole_lines_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="esft")
+    progress = tmp_path / "progress.log"
+    progress.write_text("step 1/3  from an earlier run\n")
+    with echo_progress(progress, poll_seconds=0.01):
+        with open(progress, "a") as handle:
+            handle.write("step 2/3  loss 1.0\nstep 3/3  lo")  # the last line half-written
+            handle.flush()
+            time.sleep(0.1)
+            handle.write("ss 0.5\n")
+    assert [r.getMessage() for r in caplog.records] == ["train: step 2/3  loss 1.0", "train: step 3/3  loss 0.5"]
 
 
 class RunsCode:
