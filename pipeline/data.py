@@ -224,8 +224,18 @@ def packed_dataset(source: Source, *, tokenizer: str, trust_remote_code: bool, t
                 template=template, seq_len=seq_len, seed=seed, max_tokens=max_tokens, loss_tokens_only=loss_tokens_only,
                 chunk_rows=batch_size * max(1, CHUNK_ROWS // batch_size),
             ),
+            # Packing runs in its own tasks, on the CPU left for reading: it overlaps the replicas'
+            # start-up and compute, and its chunks go to whichever replica is free. Ray Data would
+            # otherwise fuse it into the replicas' actors whenever their CPU requests match (one
+            # CPU each), packing in series with compute, a whole read block on one replica. A
+            # remote-args function is what keeps an operator out of fusion.
+            ray_remote_args_fn=_packing_task_args,
         )
     )
+
+
+def _packing_task_args() -> dict:
+    return {"num_cpus": 1}
 
 
 def load_conversations(spec: str) -> list:
