@@ -73,6 +73,17 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 
+def limit_step(model, input_ids):
+    """The limit's step on `model` (frozen here): activation gradients back to the input embeddings,
+    no weight gradient, no optimizer."""
+    model.train().requires_grad_(False)
+
+    def step():
+        embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=input_ids).loss.backward()
+    return step
+
+
 def make_variants(base, input_ids):
     """Return {name: (step_fn, optimizer or None, trainable params, model)}."""
     scores = profile_batch(base, input_ids, torch.ones_like(input_ids))
@@ -85,8 +96,6 @@ def make_variants(base, input_ids):
     summary = apply_expert_config(esft, config)
     esft_opt = make_optimizer(esft, 1e-5)
 
-    limit = copy.deepcopy(base).train().requires_grad_(False)
-
     def trainer(model, optimizer):
         def step():
             loss = model(input_ids=input_ids, labels=input_ids).loss
@@ -96,11 +105,7 @@ def make_variants(base, input_ids):
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    def limit_step():
-        embeds = limit.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-        limit(inputs_embeds=embeds, labels=input_ids).loss.backward()
-
-    return {"fft": trainer(fft, fft_opt), "esft": trainer(esft, esft_opt), "limit": limit_step}, {
+    return {"fft": trainer(fft, fft_opt), "esft": trainer(esft, esft_opt), "limit": limit_step(copy.deepcopy(base), input_ids)}, {
         "fft_opt": fft_opt, "esft_opt": esft_opt, "summary": summary, "config": config,
     }
 
