@@ -246,13 +246,13 @@ def echo_progress(path: Path, poll_seconds: float = 0.5):
     def echo() -> None:
         nonlocal offset
         if path.exists():
-            with open(path, encoding="utf-8") as handle:
+            with open(path, "rb") as handle:  # bytes: `offset` is a byte position
                 handle.seek(offset)
                 while line := handle.readline():
-                    if not line.endswith("\n"):  # half-written: read it whole next time
+                    if not line.endswith(b"\n"):  # half-written: read it whole next time
                         break
-                    offset += len(line.encode("utf-8"))
-                    log.info("train: %s", line.rstrip("\n"))
+                    offset += len(line)
+                    log.info("train: %s", line.decode("utf-8", errors="replace").rstrip("\n"))
 
     def poll() -> None:
         while not done.wait(poll_seconds):
