@@ -118,6 +118,10 @@ class PretrainRecipe:
     balance_loss_coef: float = 0.005
     balance_scope: str = "batch"  # "batch", "sequence" or "global": over which tokens expert load is balanced
     balance_window: int = 16  # "global": expert load counted over the last this-many batches (the current one included)
+    # From this share of training on, the balance coefficient decays linearly to 0 at the last step
+    # (1.0: constant). Balance while the experts find their roles, then let routing settle on them,
+    # as DeepSeek-V3 stopped its balancing-bias updates for the last part of pretraining.
+    balance_decay_start: float = 1.0
     threads: int = 2
     log_every: int = 50
     measure_at: tuple[int, ...] = (600, 1200, 1800)  # also measure routing specialisation at these steps
@@ -136,6 +140,8 @@ class PretrainRecipe:
             raise ValueError("pretrain: need layers >= 2 (one dense, then MoE) and experts_per_token <= routed_experts")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.balance_loss_coef < 0:
             raise ValueError("pretrain: lr must be > 0, min_lr_ratio in [0, 1] and balance_loss_coef >= 0")
+        if not 0 <= self.balance_decay_start <= 1:
+            raise ValueError(f"pretrain: balance_decay_start must be in [0, 1], got {self.balance_decay_start}")
         if self.balance_scope not in BALANCE_SCOPES:
             raise ValueError(f"pretrain: balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance_scope!r}")
         if min(self.task_rows, self.raw_documents, self.held_out_raw_documents) < 0:
@@ -298,6 +304,15 @@ def learning_rate(step: int, recipe: PretrainRecipe) -> float:
     return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def balance_coefficient(step: int, recipe: PretrainRecipe) -> float:
+    """The balance-loss weight at `step`: constant, then (from balance_decay_start of training on)
+    linearly down to 0 at the last step."""
+    start = recipe.balance_decay_start * recipe.steps
+    if step <= start:
+        return recipe.balance_loss_coef
+    return recipe.balance_loss_coef * (recipe.steps - step) / max(1.0, recipe.steps - start)
+
+
 def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
           on_step: Callable[[int], None] | None = None) -> list[dict]:
     """The pretraining loop; returns the logged history. `on_step(step)` runs after each step
@@ -327,7 +342,7 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
             recent_slots.append(current_LGE[:, 0])
         else:
             balance = balance_loss(output.router_logits, top_k, rows=len(batch) if recipe.balance_scope == "sequence" else 1)
-        (output.loss + recipe.balance_loss_coef * balance).backward()
+        (output.loss + balance_coefficient(step, recipe) * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), PAPER_GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -472,6 +487,15 @@ def balance_description(recipe: dict) -> str:
     return f"{recipe['balance_scope']}-level"
 
 
+def coefficient_description(recipe: dict, total_steps: int) -> str:
+    """The balance coefficient, for the card: "0.005", or "0.005, to 0 from step 1200" when it decays
+    (`total_steps`: the whole run's length, which the decay start is a share of)."""
+    start = recipe.get("balance_decay_start", 1.0)  # absent in reports written before the knob existed
+    if start >= 1:
+        return f"{recipe['balance_loss_coef']}"
+    return f"{recipe['balance_loss_coef']}, to 0 from step {round(start * total_steps)}"
+
+
 def model_card(report: dict, ablation: list[dict] | None = None) -> str:
     spec, recipe = report["specialisation"], report["recipe"]
     layers = spec["layers"]
@@ -493,7 +517,7 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
          f"{report['data']['tokens']:,} tokens are raw text. Held out of the instruction format: "
          f"{', '.join(synthetic.HELD_OUT_TASKS)}. Tokenizer: byte-level BPE trained on all of it."),
         (f"- training: {recipe['steps']} steps x {recipe['batch_rows']} x {recipe['seq_len']} tokens, AdamW, lr {recipe['lr']} "
-         f"(warm-up + cosine), {balance_description(recipe)} balance loss x {recipe['balance_loss_coef']}; final loss "
+         f"(warm-up + cosine), {balance_description(recipe)} balance loss x {coefficient_description(recipe, recipe['steps'])}; final loss "
          f"{report['history'][-1]['loss']:.3f}"),
         f"- hardware and time: {report['seconds']:.0f} s on {recipe['threads']} CPU threads ({report['hardware']}), torch {report['torch']}",
         "", "## Gates (measured on these weights, before any fine-tuning)", "",
@@ -529,7 +553,7 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
                    "and summary_digest (news articles followed by their summary)."), "",
                   *_table(["balance", "coef", "steps", "extra raw text", "data tokens", *[label for label, *_ in GATES],
                            *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
-                          [[balance_description(a["recipe"]), a["recipe"]["balance_loss_coef"],
+                          [[balance_description(a["recipe"]), coefficient_description(a["recipe"], a.get("of_steps", a["recipe"]["steps"])),
                             f"{a['recipe']['steps']}" + (f" of {a['of_steps']}" if a.get("of_steps", a["recipe"]["steps"]) != a["recipe"]["steps"] else ""),
                             ", ".join(name for key, name in (("translation_phrasebook", "phrasebook"), ("summary_digest", "digest"))
                                       if a["recipe"].get(key)) or "none",

@@ -171,6 +171,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
                 "balance_scope": args.balance_scope, "balance_window": args.balance_window,
+                "balance_decay_start": args.balance_decay_start,
+                "threads": args.threads,
                 "measure_at": tuple(args.measure_at) if args.measure_at else None,
                 "translation_phrasebook": args.translation_phrasebook or None, "summary_digest": args.summary_digest or None}
     recipe = replace(PRESETS[args.preset], **{k: v for k, v in settings.items() if v is not None})
@@ -339,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance-scope", choices=["batch", "sequence", "global"],
                    help="balance expert load per batch (default), per sequence, or over a window of recent batches (global)")
     p.add_argument("--balance-window", type=int, help="batches in the global balance window (default: the preset's)")
+    p.add_argument("--balance-decay-start", type=float,
+                   help="share of training after which the balance coefficient decays linearly to 0 (default: 1, constant)")
+    p.add_argument("--threads", type=int, help="CPU threads for pretraining (default: the preset's)")
     p.add_argument("--translation-phrasebook", action="store_true",
                    help="also pretrain on a Veltish phrasebook (English, then Veltish) among the raw translation text")
     p.add_argument("--summary-digest", action="store_true",

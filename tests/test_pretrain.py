@@ -83,11 +83,26 @@ def test_a_global_window_of_one_batch_is_batch_balance():
     assert history("global") == history("batch")
 
 
+def test_balance_coefficient_is_constant_then_decays_linearly_to_zero():
+    from esft.pretrain import balance_coefficient
+
+    constant = PretrainRecipe(steps=100, balance_loss_coef=0.004)
+    assert [balance_coefficient(s, constant) for s in (1, 50, 100)] == [0.004, 0.004, 0.004]
+    decaying = replace(constant, balance_decay_start=0.6)  # constant to step 60, then 40 steps down to 0
+    assert balance_coefficient(60, decaying) == 0.004
+    assert balance_coefficient(70, decaying) == pytest.approx(0.004 * 30 / 40)
+    assert balance_coefficient(90, decaying) == pytest.approx(0.004 * 10 / 40)
+    assert balance_coefficient(100, decaying) == 0.0
+    assert balance_coefficient(100, replace(constant, balance_decay_start=0.0)) == 0.0
+
+
 def test_recipe_validation_names_the_setting():
     with pytest.raises(ValueError, match="balance_scope"):
         PretrainRecipe(balance_scope="token").validate()
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         PretrainRecipe(steps=0).validate()
+    with pytest.raises(ValueError, match="balance_decay_start"):
+        PretrainRecipe(balance_decay_start=1.5).validate()
 
 
 def test_gates_check_each_bound():
@@ -166,9 +181,12 @@ def test_the_card_tabulates_only_ablation_runs_of_the_same_recipe():
     same = {**report["recipe"], "balance_loss_coef": 0.001, "translation_phrasebook": True, "steps": 600}
     rows = [{"recipe": same, "of_steps": 2400, "data_tokens": 1234567, "figures": figures, "answer_loss": losses},
             {"recipe": {**report["recipe"], "general_rows": 60000, "balance_loss_coef": 0.0777}, "figures": figures,
+             "answer_loss": losses},
+            {"recipe": {**same, "balance_decay_start": 0.5, "summary_digest": True}, "of_steps": 2400, "figures": figures,
              "answer_loss": losses}]
     card = model_card(report, rows)
     table = card.split("## Ablation: the routing knobs", 1)[1]
     assert "| batch-level | 0.001 | 600 of 2400 | phrasebook | 1,234,567 |" in table
+    assert "| batch-level | 0.001, to 0 from step 1200 | 600 of 2400 | phrasebook, digest | - |" in table
     assert "0.0777" not in table
-    assert "## Ablation" not in model_card(report, rows[1:])
+    assert "## Ablation" not in model_card(report, rows[1:2])
