@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.run import PipelineConfig, run_pipeline
 
     overrides = {"run_dir": args.run_dir}
-    run_pipeline(build_config(PipelineConfig, read_yaml(args.config), overrides, where=args.config))
+    run_pipeline(build_config(PipelineConfig, read_yaml(args.config), overrides, where=args.config), source=args.config)
     return 0
 
 

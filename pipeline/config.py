@@ -31,10 +31,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# Scalar settings are checked against their field's annotation as the file gives them, so that
-# `lr: fast` or `steps: [1, 2]` is an error naming the setting before any work, not a worker's traceback.
+# Scalar settings (and sections) are checked against their field's annotation as the file gives
+# them, so that `lr: fast`, `steps: [1, 2]` or `select: [..]` is an error naming the setting before
+# any work, not a worker's traceback.
 SCALAR_KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
-                "str": ((str,), "a string")}
+                "str": ((str,), "a string"), "dict": ((dict,), "a section (a mapping of setting: value)")}
 
 
 def checked_value(name: str, annotation: Any, value: Any, where: str) -> Any:
@@ -44,6 +45,8 @@ def checked_value(name: str, annotation: Any, value: Any, where: str) -> Any:
     base = annotation.removesuffix(" | None")
     if base not in SCALAR_KINDS or (value is None and base != annotation):
         return value
+    if base == "dict" and value is None:  # `profile:` with nothing under it: an empty section
+        return {}
     types, kind = SCALAR_KINDS[base]
     if base == "float" and isinstance(value, str):
         try:

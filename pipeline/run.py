@@ -10,7 +10,6 @@ from its last checkpoint).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -20,10 +19,36 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from esft.io import atomic_write_text
-from pipeline.config import ConfigError
+from pipeline.cache_keys import content_hash, digest, keyed, model_fingerprint
+from pipeline.config import ConfigError, build_config
 
 log = logging.getLogger("esft")
 EMBEDDED = "embedded"
+
+
+@dataclass
+class SelectConfig:
+    """The `select` section: ESFT's rule (the smallest set of experts per layer whose scores reach
+    top_p of the layer's total), or a fixed number of experts per layer."""
+
+    score_function: str = "token"  # token (ESFT-Token) or gate (ESFT-Gate)
+    top_p: float | None = None  # the paper: 0.2 for token, 0.1 for gate
+    experts_per_layer: int | None = None  # the fixed-budget alternative
+
+    def validate(self, where: str) -> None:
+        from esft.select import SCORE_FUNCTIONS, SelectionError, check_top_p
+
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ConfigError(f"{where}: score_function must be token or gate, got {self.score_function!r}")
+        if (self.top_p is None) == (self.experts_per_layer is None):
+            raise ConfigError(f"{where}: give exactly one of top_p (e.g. 0.2 for token, 0.1 for gate) or experts_per_layer")
+        if self.top_p is not None:
+            try:
+                check_top_p(self.top_p)
+            except SelectionError as error:
+                raise ConfigError(f"{where}: {error}") from error
+        if self.experts_per_layer is not None and self.experts_per_layer < 1:
+            raise ConfigError(f"{where}: experts_per_layer must be a positive integer, got {self.experts_per_layer}")
 
 
 @dataclass
@@ -42,54 +67,90 @@ class PipelineConfig:
     eval: dict = field(default_factory=dict)  # EvalConfig settings
     register: dict = field(default_factory=dict)  # model_name, metric, tracking_uri, log_base_model, log_merged
 
-    def stage_configs(self, model: str, data: dict, run: Path):
-        """The typed config of every stage (unknown keys in a section fail here, before any work)."""
-        from pipeline.config import build_config
+    def selection(self, source: str = "run") -> SelectConfig:
+        selection = build_config(SelectConfig, self.select, {}, where=f"{source}: select")
+        selection.validate(f"{source}: select")
+        return selection
+
+    def stage_configs(self, model: str, data: dict, run: Path, source: str = "run"):
+        """The typed config of every stage (unknown keys and wrong types in a section fail here,
+        before any work); `source` (the config file) prefixes their errors."""
         from pipeline.evaluate import EvalConfig
         from pipeline.profile import ProfileConfig
         from pipeline.train import TrainConfig
 
         tokenizer, remote = self.tokenizer or model, self.trust_remote_code
         profile = build_config(ProfileConfig, self.profile, {"model": model, "data": [data["train_data"]], "out": str(run / "profile"),
-                               "tokenizer": tokenizer, "overwrite": True, "trust_remote_code": remote}, where="run: profile")
+                               "tokenizer": tokenizer, "overwrite": True, "trust_remote_code": remote}, where=f"{source}: profile")
         train = build_config(TrainConfig, self.train, {"model": model, "data": data["train_data"], "out": str(run / "train"),
                              "expert_config": str(run / "select" / "expert_cfg.json"), "general_data": data["general_data"],
-                             "tokenizer": tokenizer, "trust_remote_code": remote}, where="run: train")
+                             "tokenizer": tokenizer, "trust_remote_code": remote}, where=f"{source}: train")
         evaluate = build_config(EvalConfig, self.eval, {"model": model, "adapter": str(run / "train" / "adapter"),
                                 "data": data["eval_data"], "out": str(run / "eval" / "metrics.json"),
                                 "general_data": data["general_data"], "tokenizer": tokenizer, "trust_remote_code": remote},
-                                where="run: eval")
+                                where=f"{source}: eval")
         return profile, train, evaluate
 
-    def validate(self) -> None:
+    def inputs(self, run: Path) -> dict:
+        """The model and data files the stages will read: the user's, or where the embedded
+        default's are written (by the assets stage)."""
+        if self.model == EMBEDDED:
+            return embedded_inputs(run / "assets")
+        return {"model": self.model, "train_data": self.train_data, "eval_data": self.eval_data, "general_data": self.general_data}
+
+    def validate(self, source: str = "run") -> None:
+        """Every section as a whole, before any compute or any file is written."""
         if self.model != EMBEDDED and not (self.train_data and self.eval_data):
-            raise ConfigError("run: give train_data and eval_data (or use model: embedded)")
-        if self.select.get("score_function") not in ("token", "gate"):
-            raise ConfigError("run: select.score_function must be token or gate")
+            raise ConfigError(f"{source}: give train_data and eval_data (or use model: embedded)")
+        self.selection(source)
         from pipeline.register import check_register_settings
 
-        check_register_settings(self.register, {"model_name", "metric", "tracking_uri"}, where="run")
+        check_register_settings(self.register, {"model_name", "metric", "tracking_uri"}, where=source)
+        run = Path(self.run_dir).resolve()
+        inputs = self.inputs(run)
+        for stage_config in self.stage_configs(inputs["model"], inputs, run, source):
+            try:
+                stage_config.validate()
+            except ConfigError as error:
+                raise ConfigError(f"{source}: {error}") from error
 
 
-def _hash(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# Each stage's settings that name data files (hashed by content) and models (fingerprinted).
+STAGE_DATA = ("data", "general_data", "expert_config")
+STAGE_MODELS = ("model", "tokenizer", "adapter")
+
+
+def stage_key(settings: dict) -> str:
+    """The cache key of a stage: its settings, with its input files by content and its models by
+    fingerprint, so a file regenerated in place (same path, new rows) makes the stage run again."""
+    return digest(keyed(settings, data=[k for k in STAGE_DATA if k in settings], models=[k for k in STAGE_MODELS if k in settings]))
 
 
 def stage(run_dir: Path, name: str, inputs: dict, work: Callable[[], object]) -> dict:
-    """Run `work` unless this stage already completed with the same inputs; returns its record."""
+    """Run `work` unless this stage already completed with the same inputs (`stage_key`); returns
+    its record."""
     marker = run_dir / "stages" / f"{name}.json"
-    digest = _hash(inputs)
+    key = stage_key(inputs)
     if marker.exists():
         record = json.loads(marker.read_text())
-        if record.get("inputs") == digest:
+        if record.get("inputs") == key:
             log.info("[%s] up to date, skipped", name)
             return record
     started = time.perf_counter()
     log.info("[%s] running", name)
     result = work()
-    record = {"inputs": digest, "seconds": round(time.perf_counter() - started, 1), "result": result}
+    record = {"inputs": key, "seconds": round(time.perf_counter() - started, 1), "result": result}
     atomic_write_text(marker, json.dumps(record, indent=1, default=str))
     return record
+
+
+def embedded_inputs(out: Path) -> dict:
+    """Where `prepare_embedded(out)` puts the embedded default's model and data."""
+    from esft.pretrain import ASSET_DIR
+
+    data = out / "data"
+    return {"model": str(ASSET_DIR), "train_data": str(data / "train.jsonl"), "eval_data": str(data / "eval.jsonl"),
+            "general_data": str(data / "general.jsonl")}
 
 
 def prepare_embedded(out: Path) -> dict:
@@ -101,13 +162,12 @@ def prepare_embedded(out: Path) -> dict:
 
     if not (ASSET_DIR / "model.safetensors").exists():
         raise ConfigError(f"the embedded model is missing at {ASSET_DIR}; rebuild it with `esft pretrain` or reinstall the package")
-    data = out / "data"
-    splits = {"train": synthetic.rows("math", 1100, seed=0), "eval": synthetic.rows("math", 64, seed=0, split="eval"),
-              "general": synthetic.rows(synthetic.GENERAL, 200, seed=0, split="eval")}
+    inputs = embedded_inputs(out)
+    splits = {"train_data": synthetic.rows("math", 1100, seed=0), "eval_data": synthetic.rows("math", 64, seed=0, split="eval"),
+              "general_data": synthetic.rows(synthetic.GENERAL, 200, seed=0, split="eval")}
     for name, rows in splits.items():
-        atomic_write_text(data / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return {"model": str(ASSET_DIR), "train_data": str(data / "train.jsonl"), "eval_data": str(data / "eval.jsonl"),
-            "general_data": str(data / "general.jsonl")}
+        atomic_write_text(Path(inputs[name]), "".join(json.dumps(r) + "\n" for r in rows))
+    return inputs
 
 
 def gain_lines(baseline: dict, tuned: dict, metrics: list[str]) -> list[str]:
@@ -120,34 +180,40 @@ def gain_lines(baseline: dict, tuned: dict, metrics: list[str]) -> list[str]:
     return lines
 
 
-def run_pipeline(config: PipelineConfig) -> dict:
+def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
+    """The whole pipeline; `source` (the config file) names where a settings error comes from."""
     from esft.select import load_layer_scores, select_experts
     from pipeline.evaluate import run_eval
     from pipeline.profile import run_profile
     from pipeline.register import register_adapter
     from pipeline.train import run_train
 
-    config.validate()
+    config.validate(source)
+    selection = config.selection(source)
     run = Path(config.run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     if config.model == EMBEDDED:
-        inputs = stage(run, "assets", {"embedded": "mini-moe"}, lambda: prepare_embedded(run / "assets"))["result"]
+        # Regenerated when the package's model or corpus generator changes (an upgrade).
+        from esft import synthetic
+        from esft.pretrain import ASSET_DIR
+
+        embedded = {"embedded": "mini-moe", "model": model_fingerprint(str(ASSET_DIR)), "generator": content_hash(synthetic.__file__)}
+        inputs = stage(run, "assets", embedded, lambda: prepare_embedded(run / "assets"))["result"]
     else:
-        inputs = {"model": config.model, "train_data": config.train_data, "eval_data": config.eval_data,
-                  "general_data": config.general_data}
+        inputs = config.inputs(run)
     model = inputs["model"]
-    profile_cfg, train_cfg, eval_cfg = config.stage_configs(model, inputs, run)
+    profile_cfg, train_cfg, eval_cfg = config.stage_configs(model, inputs, run, source)
     stage(run, "profile", asdict(profile_cfg), lambda: len(run_profile(profile_cfg)))
 
     expert_cfg = run / "select" / "expert_cfg.json"
 
     def select() -> int:
-        chosen = select_experts(load_layer_scores(run / "profile", config.select["score_function"]), top_p=config.select.get("top_p"),
-                                experts_per_layer=config.select.get("experts_per_layer"))
+        chosen = select_experts(load_layer_scores(run / "profile", selection.score_function), top_p=selection.top_p,
+                                experts_per_layer=selection.experts_per_layer)
         chosen.save(expert_cfg)
         return chosen.num_selected
 
-    selected = stage(run, "select", {"profile": _hash(asdict(profile_cfg)), **config.select}, select)["result"]
+    selected = stage(run, "select", {"profile": stage_key(asdict(profile_cfg)), **asdict(selection)}, select)["result"]
 
     train_inputs = {"select": selected, **asdict(train_cfg), "resume": None}
 
@@ -155,11 +221,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
         # A run killed with the same inputs continues from its checkpoint; one started with other
         # inputs (another selection, other settings) is stale and starts over.
         started = run / "stages" / "train.started"
-        same = started.exists() and started.read_text() == _hash(train_inputs)
+        same = started.exists() and started.read_text() == stage_key(train_inputs)
         if not same and (run / "train").exists():
             shutil.rmtree(run / "train")
         train_cfg.resume = same and (run / "train" / "ray").exists()
-        atomic_write_text(started, _hash(train_inputs))
+        atomic_write_text(started, stage_key(train_inputs))
         metrics = run_train(train_cfg)
         return {k: metrics[k] for k in ("final_valid_loss", "final_general_loss", "trainable_parameters", "wall_seconds")}
 
@@ -181,9 +247,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
         registration = register_adapter(
             run / "train" / "adapter", model_name=register_cfg["model_name"], run_dir=run, metric_name=register_cfg["metric"],
             metrics={**evaluated, **{k: v for k, v in trained.items() if isinstance(v, (int, float))}},
-            params={**config.select, "selected_experts": selected, "method": train_cfg.method, "base_model": model},
-            tags={"base_model": model, "family": adapter_summary(run / "train" / "adapter")["family"], "score_function": config.select["score_function"],
-                  "top_p": str(config.select.get("top_p")), "selected_experts": str(selected), "task": Path(inputs["train_data"]).stem},
+            params={**{k: v for k, v in asdict(selection).items() if v is not None}, "selected_experts": selected, "method": train_cfg.method, "base_model": model},
+            tags={"base_model": model, "family": adapter_summary(run / "train" / "adapter")["family"], "score_function": selection.score_function,
+                  "top_p": str(selection.top_p), "selected_experts": str(selected), "task": Path(inputs["train_data"]).stem},
             tracking_uri=register_cfg.get("tracking_uri"), base_model=model, tokenizer=config.tokenizer,
             options=ModelLogging.from_settings(register_cfg), trust_remote_code=config.trust_remote_code,
         )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from esft.io import atomic_write_text
+from pipeline.cache_keys import content_hash, digest, keyed
 from pipeline.config import ConfigError, build_config
 from pipeline.sweep_journal import (
     JOURNAL,
@@ -209,7 +209,7 @@ class SweepConfig:
         return metric, mode, float(self.objective.get("general_loss_weight", 0.0))
 
     def validate(self) -> None:
-        self.pipeline().validate()
+        self.pipeline().validate("tune")
         unknown = set(self.objective) - {"metric", "mode", "general_loss_weight"}
         if unknown:
             raise ConfigError(f"tune: unknown objective setting(s) {', '.join(sorted(unknown))}; known: metric, mode, general_loss_weight")
@@ -233,41 +233,7 @@ class SweepConfig:
         """What makes a run directory's sweep the same sweep (resume) or another one (sections this
         version added count only when given, so sweeps started before it still resume)."""
         settings = {k: v for k, v in asdict(self).items() if not (k in ("searcher", "scheduler") and not v)}
-        return _hash({**settings, "run_dir": None})
-
-
-def _hash(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def content_hash(spec: str | None) -> str | None:
-    """Hash of a local data file's or directory's bytes (a hub dataset hashes as its name)."""
-    if spec is None:
-        return None
-    path = Path(spec)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    if not files:
-        digest.update(spec.encode())
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def model_fingerprint(spec: str) -> str:
-    """A model directory's identity without reading its weights (tens of GB for real models): the
-    config's bytes and each file's name, size and modification time. A hub id is its name."""
-    path = Path(spec)
-    if not path.is_dir():
-        return spec
-    digest = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+        return digest({**settings, "run_dir": None})
 
 
 def cached_profile(profile_cfg, run: Path) -> Path:
@@ -276,7 +242,7 @@ def cached_profile(profile_cfg, run: Path) -> Path:
     from pipeline.profile import run_profile
 
     settings = {k: v for k, v in asdict(profile_cfg).items() if k not in ("out", "overwrite")}
-    key = _hash({**settings, "model": model_fingerprint(profile_cfg.model), "data": [content_hash(d) for d in profile_cfg.data]})
+    key = digest(keyed(settings, data=("data",), models=("model",)))
     target = run / "profiles" / key
     if (target / "expert_scores.json").exists():
         log.info("tune: profile %s cached (same model, data and settings), not recomputed", key)
@@ -467,7 +433,7 @@ def run_trial(params: dict, setup: dict) -> None:
     run = Path(setup["run_dir"])
     expert_config = select_for_trial(Path(setup["profile_dir"]), params["selection"], params["train_shared_experts"])
     experts = {layer: sorted(ids) for layer, ids in expert_config.experts.items()}  # order does not change training
-    key = _hash({"experts": experts, "shared": expert_config.shared_experts, "lr": params["lr"], "train": setup["train"]})
+    key = digest({"experts": experts, "shared": expert_config.shared_experts, "lr": params["lr"], "train": setup["train"]})
     work = run / "trials" / key
     context = {"objective": setup["objective"], "work_dir": str(work), "selected_experts": expert_config.num_selected}
     with _claimed(run / "trials" / f"{key}.lock"):
@@ -682,17 +648,21 @@ def _register_best(best: dict, tracker, config: SweepConfig, metric: str, mode: 
     return asdict(registration)
 
 
-def _sweep_state(run: Path, fingerprint: str, restart: bool) -> tuple[dict, dict[str, dict]]:
-    """Whether this run directory holds the same sweep (resume: its state and trial journal) or must start over."""
+def _sweep_state(run: Path, fingerprint: str, inputs_key: str, restart: bool) -> tuple[dict, dict[str, dict]]:
+    """Whether this run directory holds the same sweep (resume: its state and trial journal) or must
+    start over. `inputs_key`: the model and data by content (a state written before it was kept
+    resumes on its settings alone)."""
     state_file = run / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state and state.get("fingerprint") != fingerprint:
-        if not restart:
+    if state and not restart:
+        if state.get("fingerprint") != fingerprint:
             raise ConfigError(f"tune: {run} holds a sweep with other settings; pass --restart to start over there, or choose another run_dir")
-        state = {}
+        if state.get("inputs", inputs_key) != inputs_key:
+            raise ConfigError(f"tune: {run} holds a sweep on another model or other data (the files changed since); "
+                              "pass --restart to start over there, or choose another run_dir")
     if restart:
         state = {}
-    state["fingerprint"] = fingerprint
+    state["fingerprint"], state["inputs"] = fingerprint, inputs_key
     return state, {} if restart else load_journal(run)
 
 
@@ -748,7 +718,8 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     # there) and a trial stopped at it can be continued.
     train["eval_every"] = min(train["eval_every"], train["steps"])
     train["save_every"] = train["eval_every"]
-    state, journal = _sweep_state(run, config.fingerprint(), restart)
+    inputs_key = digest(keyed(inputs, data=("train_data", "eval_data", "general_data"), models=("model",)))
+    state, journal = _sweep_state(run, config.fingerprint(), inputs_key, restart)
     tune_config = _tune_config(config, train, mode, journal)  # settings errors before any work
     rerun = {e["trial_id"] for e in interrupted(journal)}  # they run again under new trial ids
     journal = {trial_id: entry for trial_id, entry in journal.items() if trial_id not in rerun}
@@ -758,7 +729,7 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     from esft.scores import SCORES_FILENAME, ExpertScores
 
     scores = ExpertScores.load(profile_dir / SCORES_FILENAME)
-    data_hash = _hash([content_hash(inputs["train_data"]), content_hash(inputs["eval_data"])])
+    data_hash = digest([content_hash(inputs["train_data"]), content_hash(inputs["eval_data"])])
     tracking_uri = config.register.get("tracking_uri") or default_tracking_uri(run)
     searched = {"searcher": json.dumps(asdict(config.searcher_config()))} if config.searcher else {"search": json.dumps(asdict(config.space()))}
     if config.scheduler:

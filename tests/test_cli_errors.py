@@ -412,3 +412,43 @@ def test_a_float_written_as_yaml_reads_it_is_a_number():
     assert values["lr"] == "1e-5"
     config = build_config(TrainConfig, values, {}, where="train.yaml")
     assert config.lr == 1e-5 and isinstance(config.lr, float) and config.validation_fraction == 0.1
+
+
+# --- a whole pipeline config checked before any work (esft run) ----------------------------------
+
+RUN_CASES = {
+    "top_p: 1.5": ({"select": {"score_function": "token", "top_p": 1.5}}, "select: top_p must be in (0, 1], got 1.5"),
+    "select as a list": ({"select": [1, 2]}, "select must be a section (a mapping of setting: value), got [1, 2]"),
+    "profile as a number": ({"profile": 3}, "profile must be a section (a mapping of setting: value), got 3"),
+    "unknown select key": ({"select": {"score_function": "token", "top_p": 0.2, "bogus": 1}},
+                           "select: unknown setting(s) bogus; known: experts_per_layer, score_function, top_p"),
+    "neither rule": ({"select": {"score_function": "gate"}}, "select: give exactly one of top_p"),
+    "score function": ({"select": {"score_function": "mean", "top_p": 0.2}}, "select: score_function must be token or gate"),
+    "steps: forty": ({"train": {"steps": "forty"}}, "train: steps must be an integer, got 'forty'"),
+    "steps: 0": ({"train": {"steps": 0}}, "train: steps must be a positive integer, got 0"),
+    "unknown eval metric": ({"eval": {"metric": ["bleurt"]}}, "eval: unknown metric(s) bleurt"),
+    "register key": ({"register": {"bogus": 1}}, "unknown register setting(s) bogus"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_CASES)
+def test_a_bad_pipeline_config_fails_before_anything_is_written(tmp_path, capsys, case):
+    import yaml
+
+    values, message = RUN_CASES[case]
+    config = tmp_path / "run.yaml"
+    run_dir = tmp_path / "run"
+    config.write_text(yaml.safe_dump({"run_dir": str(run_dir), **values}))
+    assert esft(["run", "--config", str(config)]) == 2
+    assert f"{config}: {message}" in one_error_line(capsys)
+    assert not run_dir.exists()  # no assets, no stage markers: nothing half-written
+
+
+def test_an_empty_section_is_an_empty_mapping():
+    import yaml
+
+    from pipeline.config import build_config
+    from pipeline.run import PipelineConfig
+
+    config = build_config(PipelineConfig, yaml.safe_load("profile:\nselect:\n  score_function: gate\n  top_p: 0.1\n"), {})
+    assert config.profile == {} and config.selection().top_p == 0.1
