@@ -49,7 +49,8 @@ def report_rows(report: dict) -> list[dict]:
     rows = []
     for measured in [*report.get("measured_at", []), final]:
         rows.append({"recipe": {**report["recipe"], "steps": measured["step"]}, "data_tokens": report["data"]["tokens"],
-                     "of_steps": report["recipe"]["steps"], "figures": measured["figures"], "answer_loss": measured["answer_loss"]})
+                     "of_steps": report["recipe"]["steps"], "figures": measured["figures"],
+                     "answer_loss": measured["answer_loss"]})
     return rows
 
 
@@ -60,7 +61,8 @@ def main() -> int:
     parser.add_argument("--out", default="runs/pretrain_ablation")
     parser.add_argument("--only", nargs="*", help="variants as scope:coef, e.g. batch:0.001")
     parser.add_argument("--from-report", nargs="*", default=[], metavar="DIR",
-                        help="model directories of full `esft pretrain` runs: tabulate their pretrain_report.json instead of training")
+                        help="model directories of full `esft pretrain` runs: tabulate their pretrain_report.json "
+                             "instead of training")
     parser.add_argument("--card", help="afterwards, rewrite this model directory's card with the ablation table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -96,7 +96,8 @@ class PretrainRecipe:
     general_rows: int = 45000
     task_rows: int = 20000  # per aligned task, in the instruction template
     raw_documents: int = 5000  # per aligned task domain, raw unaligned text (esft.synthetic.raw_documents)
-    held_out_raw_documents: int = 15000  # per held-out task domain: where its skill comes from (more text, more experts of its own)
+    # per held-out task domain: where its skill comes from (more text, more experts of its own)
+    held_out_raw_documents: int = 15000
     domain_blocks: bool = True  # one domain per pretraining block (as a window of a long document) or a mixed stream
     tokenizer_sees_template: bool = True  # train the tokenizer on "User: ... Assistant: ..." (template words as tokens)
     translation_phrasebook: bool = False  # raw translation text also as "English: ...\nVeltish: ..." (the task's direction)
@@ -132,7 +133,8 @@ class PretrainRecipe:
         return {"translation": self.translation_phrasebook, "summary": self.summary_digest}
 
     def validate(self) -> None:
-        for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows", "balance_window",
+        for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows",
+                     "balance_window",
                      "routed_experts", "experts_per_token", "shared_experts", "expert_width"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"pretrain: {name} must be a positive integer")
@@ -210,7 +212,8 @@ def pretraining_corpus(recipe: PretrainRecipe) -> list[Document]:
     for domain in synthetic.RAW_GENERATORS:
         count = recipe.held_out_raw_documents if domain in synthetic.HELD_OUT_TASKS else recipe.raw_documents
         extra = recipe.extra_raw_text().get(domain, False)
-        documents += [Document(domain, text=text) for text in synthetic.raw_documents(domain, count, recipe.seed, extra_kinds=extra)]
+        texts = synthetic.raw_documents(domain, count, recipe.seed, extra_kinds=extra)
+        documents += [Document(domain, text=text) for text in texts]
     if not recipe.domain_blocks:
         random.Random(f"pretrain:{recipe.seed}").shuffle(documents)
     return documents
@@ -232,7 +235,8 @@ def tokenizer_texts(documents: list[Document], recipe: PretrainRecipe) -> list[s
     return texts
 
 
-def token_blocks(documents: list[Document], tokenizer: PreTrainedTokenizerBase, recipe: PretrainRecipe) -> tuple[torch.Tensor, dict]:
+def token_blocks(documents: list[Document], tokenizer: PreTrainedTokenizerBase,
+                 recipe: PretrainRecipe) -> tuple[torch.Tensor, dict]:
     """Blocks [N, seq_len] for language-model pretraining (loss on every token), and the token mix.
 
     A mixed stream concatenates the (shuffled) documents and cuts blocks; with domain_blocks, each
@@ -319,7 +323,8 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
     (the recipe measures routing at `recipe.measure_at` through it)."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": PAPER_WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": PAPER_WEIGHT_DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}],
                                   lr=recipe.lr, betas=PAPER_BETAS, fused=True)
     generator = torch.Generator().manual_seed(recipe.seed)
     order, cursor = torch.randperm(len(blocks), generator=generator), 0
@@ -363,7 +368,8 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
     return history
 
 
-def domain_batches(tokenizer: PreTrainedTokenizerBase, domain: str, seed: int, rows: int, split: str) -> list[dict[str, torch.Tensor]]:
+def domain_batches(tokenizer: PreTrainedTokenizerBase, domain: str, seed: int, rows: int,
+                   split: str) -> list[dict[str, torch.Tensor]]:
     """`rows` rows of a domain in the instruction template, packed into 256-token rows, 16 per batch."""
     conversations = [parse_record(r, domain) for r in synthetic.rows(domain, rows, seed=seed, split=split)]
     packed = pack_samples(tokenize_conversations(conversations, tokenizer), 256, pad_id=tokenizer.pad_token_id,
@@ -471,7 +477,8 @@ def check_gates(report: dict) -> list[dict]:
 
 
 def _table(header: list[str], rows: list[list[object]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
 # What an ablation row must share with the recipe to be tabulated in its card (the knobs may differ).
@@ -496,6 +503,21 @@ def coefficient_description(recipe: dict, total_steps: int) -> str:
     return f"{recipe['balance_loss_coef']}, to 0 from step {round(start * total_steps)}"
 
 
+EXTRA_RAW_TEXT = (("translation_phrasebook", "phrasebook"), ("summary_digest", "digest"))  # recipe key, card name
+
+
+def _run_length(ablation_row: dict) -> int:
+    """The length of the run an ablation row was measured in (longer than its steps when it was
+    measured along the way)."""
+    return ablation_row.get("of_steps", ablation_row["recipe"]["steps"])
+
+
+def _steps_cell(ablation_row: dict) -> str:
+    """Where a run was measured: "2400", or "600 of 2400" along the way of a longer run."""
+    steps, length = ablation_row["recipe"]["steps"], _run_length(ablation_row)
+    return f"{steps}" if steps == length else f"{steps} of {length}"
+
+
 def model_card(report: dict, ablation: list[dict] | None = None) -> str:
     spec, recipe = report["specialisation"], report["recipe"]
     layers = spec["layers"]
@@ -509,7 +531,8 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
         (f"- parameters: {report['parameters']:,}; {spec['num_experts']} routed experts per MoE layer "
          f"(width {report['config']['moe_intermediate_size']}), top-{report['config']['num_experts_per_tok']}, "
          f"{report['config']['n_shared_experts']} shared experts, {report['config']['num_hidden_layers']} layers "
-         f"(the first dense), hidden {report['config']['hidden_size']}, MLA attention, vocabulary {report['config']['vocab_size']}"),
+         f"(the first dense), hidden {report['config']['hidden_size']}, MLA attention, "
+         f"vocabulary {report['config']['vocab_size']}"),
         (f"- data: general mixture ({recipe['general_rows']:,} rows) + {', '.join(synthetic.PRETRAIN_TASKS)} "
          f"({recipe['task_rows']:,} rows each) in the User/Assistant template, plus raw text of every task domain "
          f"({recipe.get('held_out_raw_documents', 0):,} documents per held-out domain, {recipe['raw_documents']:,} per aligned "
@@ -517,9 +540,11 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
          f"{report['data']['tokens']:,} tokens are raw text. Held out of the instruction format: "
          f"{', '.join(synthetic.HELD_OUT_TASKS)}. Tokenizer: byte-level BPE trained on all of it."),
         (f"- training: {recipe['steps']} steps x {recipe['batch_rows']} x {recipe['seq_len']} tokens, AdamW, lr {recipe['lr']} "
-         f"(warm-up + cosine), {balance_description(recipe)} balance loss x {coefficient_description(recipe, recipe['steps'])}; final loss "
+         f"(warm-up + cosine), {balance_description(recipe)} balance loss x "
+         f"{coefficient_description(recipe, recipe['steps'])}; final loss "
          f"{report['history'][-1]['loss']:.3f}"),
-        f"- hardware and time: {report['seconds']:.0f} s on {recipe['threads']} CPU threads ({report['hardware']}), torch {report['torch']}",
+        (f"- hardware and time: {report['seconds']:.0f} s on {recipe['threads']} CPU threads ({report['hardware']}), "
+         f"torch {report['torch']}"),
         "", "## Gates (measured on these weights, before any fine-tuning)", "",
         *_table(["gate", "mini-moe", "target", "passed", "DeepSeek-V2-Lite"],
                 [[g["gate"], g["value"], g["target"], "yes" if g["passed"] else "**no**",
@@ -530,7 +555,8 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
         "the task's token-score mass on its selected experts over the general domain's mass on the same experts, per "
         "layer. Reproduce with `python bench/specialisation.py`."), "",
         "## Per domain", "",
-        *_table(["domain", "answer loss (nats)", "vanilla metric", "effective experts per layer", "token p=0.2 experts per layer"],
+        *_table(["domain", "answer loss (nats)", "vanilla metric", "effective experts per layer",
+                 "token p=0.2 experts per layer"],
                 [[d, spec["answer_loss"][d], spec.get("task_metric", {}).get(d, "-"),
                   " ".join(f"{v:.0f}" for v in spec["per_domain"][d]["effective_experts"]),
                   " ".join(str(v) for v in spec["per_domain"][d]["token_p02_experts"])] for d in DOMAINS]),
@@ -553,10 +579,9 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
                    "and summary_digest (news articles followed by their summary)."), "",
                   *_table(["balance", "coef", "steps", "extra raw text", "data tokens", *[label for label, *_ in GATES],
                            *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
-                          [[balance_description(a["recipe"]), coefficient_description(a["recipe"], a.get("of_steps", a["recipe"]["steps"])),
-                            f"{a['recipe']['steps']}" + (f" of {a['of_steps']}" if a.get("of_steps", a["recipe"]["steps"]) != a["recipe"]["steps"] else ""),
-                            ", ".join(name for key, name in (("translation_phrasebook", "phrasebook"), ("summary_digest", "digest"))
-                                      if a["recipe"].get(key)) or "none",
+                          [[balance_description(a["recipe"]), coefficient_description(a["recipe"], _run_length(a)),
+                            _steps_cell(a),
+                            ", ".join(name for key, name in EXTRA_RAW_TEXT if a["recipe"].get(key)) or "none",
                             f"{a['data_tokens']:,}" if a.get("data_tokens") else "-",
                             *[a["figures"][key] for _, key, *_ in GATES],
                             *[a["answer_loss"][t] for t in synthetic.HELD_OUT_TASKS]] for a in ablation])]
@@ -608,7 +633,8 @@ def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablatio
         tokenizer = tiny_tokenizer(tokenizer_texts(documents, recipe), vocab_size=recipe.vocab_size)
         blocks, mix = token_blocks(documents, tokenizer, recipe)
         del documents  # millions of small Python objects the training loop does not need
-        log.info("pretraining data: %d documents, %d tokens (%.1f%% raw text) -> %d blocks of %d tokens (%d steps read %.1f epochs)",
+        log.info("pretraining data: %d documents, %d tokens (%.1f%% raw text) -> %d blocks of %d tokens "
+                 "(%d steps read %.1f epochs)",
                  mix["documents"], mix["tokens"], 100 * mix["raw_text_share"], len(blocks), recipe.seq_len, recipe.steps,
                  recipe.steps * recipe.batch_rows / len(blocks))
         model = AutoModelForCausalLM.from_config(mini_moe_config(len(tokenizer), recipe), dtype=torch.float32)

@@ -112,14 +112,17 @@ def test_gates_check_each_bound():
               "task_metric": {"math": 0.1, "code": 0.0, "translation": 0.2, "intent": 0.9, "law": 0.79, "summary": 0.95}}
     passed = {g["gate"]: g["passed"] for g in check_gates(report)}
     assert passed["effective experts / E (held-out, mean)"] and not passed["token p=0.2 picks / E (held-out, mean)"]
-    assert passed["Jaccard of held-out selections (mean pair)"] and passed["task / general routing mass of the selection (median)"]
-    assert passed["vanilla answer loss, math"] and not passed["vanilla answer loss, code"] and passed["vanilla answer loss, translation"]
+    assert passed["Jaccard of held-out selections (mean pair)"]
+    assert passed["task / general routing mass of the selection (median)"]
+    assert passed["vanilla answer loss, math"] and passed["vanilla answer loss, translation"]
+    assert not passed["vanilla answer loss, code"]
     assert not passed["vanilla exact_match, code"] and passed["vanilla numeric, math"]
     assert passed["vanilla intent, intent"] and not passed["vanilla exact_match, law"]
 
 
 TINY_RECIPE = replace(PRESETS["mini-moe"], steps=3, batch_rows=2, seq_len=64, general_rows=60, task_rows=20,
-                      raw_documents=10, held_out_raw_documents=10, vocab_size=400, log_every=1, measure_rows=8, measure_at=(2,), threads=1)
+                      raw_documents=10, held_out_raw_documents=10, vocab_size=400, log_every=1, measure_rows=8, measure_at=(2,),
+                      threads=1)
 
 
 def test_a_tiny_recipe_run_is_deterministic_and_writes_a_standard_model_directory(tmp_path):
