@@ -293,7 +293,8 @@ def stability(out: Path, tasks: list[str], seeds: list[int]) -> dict:
         by_seed = [token_sets(profile_dir(out, task, s)) for s in seeds]
         by_budget = [token_sets(profile_dir(out, task, 0, tokens)) for tokens in (8192, 32768, 131072)]
         by_replicas = [token_sets(profile_dir(out, task, 0, replicas=r)) for r in (1, 2)]
-        result[task] = {name: round(float(np.mean([selection_jaccard(a, b) for i, a in enumerate(group) for b in group[i + 1 :]])), 4)
+        result[task] = {name: round(float(np.mean([selection_jaccard(a, b)
+                                                   for i, a in enumerate(group) for b in group[i + 1 :]])), 4)
                         for name, group in (("seeds", by_seed), ("token_budgets", by_budget), ("replicas", by_replicas))
                         if len(group) > 1}
     return result
@@ -309,7 +310,8 @@ def summarise(results: list[dict], rates: dict, tasks: list[str], seeds: list[in
     token_rows = per_method_rows(final, "esft_token")
     intervals = {f"esft_token_minus_{m}": bootstrap_diff(token_rows, per_method_rows(final, m))
                  for m in ("fft", "lora", "esft_random", "esft_least")}
-    intervals["esft_gate_minus_esft_gate_matched"] = bootstrap_diff(per_method_rows(final, "esft_gate"), per_method_rows(final, "esft_gate_matched"))
+    intervals["esft_gate_minus_esft_gate_matched"] = bootstrap_diff(per_method_rows(final, "esft_gate"),
+                                                                    per_method_rows(final, "esft_gate_matched"))
     grid_points = {m: [grid_point(results, m, lr) for lr in GRID[m]] for m in GRID}
     matched = matched_forgetting(grid_points, forget["esft_token"])
 
@@ -360,7 +362,8 @@ def save_tradeoff_plot(grid_points: dict[str, list[tuple[float, float]]], path: 
 def markdown(summary: dict) -> str:
     raw = summary["raw"]
     lines = ["# ESFT fidelity (the pre-registered protocol)", "",
-             "| method | task metric | forgetting (aligned drop) | general loss | learning rate per task |", "|---|---|---|---|---|"]
+             "| method | task metric | forgetting (aligned drop) | general loss | learning rate per task |",
+             "|---|---|---|---|---|"]
     for method, value in raw["task_metric"].items():
         rates = {t: r.get(method, r["esft_token"]) for t, r in raw["chosen_lr"].items()} if method != "vanilla" else {}
         lines.append(f"| {method} | {value:.3f} | {raw['forgetting_aligned_drop'].get(method, 0.0):+.3f} | "
@@ -384,7 +387,8 @@ def check(committed: Path) -> dict:
     cells = {c["cell"]: c for c in summary["raw"]["cells"]}
     diffs, inside = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for cell in (Cell("math", 0, "vanilla"), Cell("math", 0, "fft", rates["fft"]), Cell("math", 0, "esft_token", rates["esft_token"])):
+        for cell in (Cell("math", 0, "vanilla"), Cell("math", 0, "fft", rates["fft"]),
+                     Cell("math", 0, "esft_token", rates["esft_token"])):
             new = run_cell(Path(tmp), cell)
             old = cells[cell.name]
             diffs.append(abs(new["task_metric"] - old["task_metric"]))

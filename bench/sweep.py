@@ -76,7 +76,8 @@ def measure(config: SweepConfig) -> dict:
             "trials": len(rows), "stopped_early": sum(r["status"].startswith("stopped early") for r in rows),
             "reused": sum(r["status"].startswith("same selection") for r in rows),
             "failed": sum(r["status"].startswith("failed") for r in rows),
-            "rows": [{k: r[k] for k in ("score_function", "setting", "lr", "shared", "experts", "objective", "valid_loss", "status")}
+            "rows": [{k: r[k]
+                      for k in ("score_function", "setting", "lr", "shared", "experts", "objective", "valid_loss", "status")}
                      for r in rows]}
 
 

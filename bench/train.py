@@ -80,7 +80,8 @@ def prepare(root: Path, shape: dict, seq_len: int, batch: int, device: str, dtyp
     return root / "model", data, root / "expert_cfg.json", selected_bytes / model_bytes
 
 
-def limit_step_seconds(model_dir: Path, data: Path, seq_len: int, batch: int, device: str, repeats: int = 5, warmup: int = 2) -> float:
+def limit_step_seconds(model_dir: Path, data: Path, seq_len: int, batch: int, device: str, repeats: int = 5,
+                       warmup: int = 2) -> float:
     """Median seconds of the limit's step (bench/train_step.py) on the saved model and one batch of the
     training rows, in this process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "raw": {"rounds": rounds},
         "config": {"model": {"family": "deepseek_v2", **shape}, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                   "steps": args.steps, "workers": args.workers, "rounds": args.rounds, "deepspeed": args.deepspeed, "selection": "token p=0.2",
+                   "steps": args.steps, "workers": args.workers, "rounds": args.rounds, "deepspeed": args.deepspeed,
+                   "selection": "token p=0.2",
                    "device": args.device, "dtype": str(dtype).removeprefix("torch.")},
     }))
     return 0

@@ -157,7 +157,8 @@ def check_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[ExpertConf
             raise AdapterError(f"adapter {adapter_dir}: {name} has shape {tuple(tensor.shape)}, the model expects {shape}")
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise AdapterError(f"adapter {adapter_dir} lacks {len(missing)} expert tensors its expert_cfg.json selects, e.g. {missing[0]}")
+        raise AdapterError(f"adapter {adapter_dir} lacks {len(missing)} expert tensors its expert_cfg.json selects, "
+                           f"e.g. {missing[0]}")
     return config, tensors
 
 

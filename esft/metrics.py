@@ -135,7 +135,8 @@ def score(predictions: Sequence[str], answers: Sequence[Sequence[str]], metrics:
     if unknown:
         raise EsftError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     if not predictions or len(predictions) != len(answers):  # a caller's bug: plain ValueError
-        raise ValueError(f"need one non-empty answer list per prediction ({len(predictions)} predictions, {len(answers)} answer lists)")
+        raise ValueError(f"need one non-empty answer list per prediction ({len(predictions)} predictions, "
+                         f"{len(answers)} answer lists)")
     cleaned = [clean_prediction(p) for p in predictions]
     results = {}
     for name in metrics:

@@ -30,7 +30,8 @@ def load_model(
     if name_or_path.startswith(TINY_PREFIX):
         family = name_or_path[len(TINY_PREFIX):]
         if family not in TINY_FAMILIES:
-            raise UnsupportedModelError(f"unknown tiny model {name_or_path!r}; use tiny:<family> with one of {', '.join(TINY_FAMILIES)}")
+            raise UnsupportedModelError(f"unknown tiny model {name_or_path!r}; use tiny:<family> with one of "
+                                        f"{', '.join(TINY_FAMILIES)}")
         model = tiny_model(family, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype])
         model.config._name_or_path = name_or_path
     else:
@@ -156,7 +157,8 @@ def format_description(d: MoEDescription) -> str:
         ("top-k", str(d.top_k)),
         ("shared expert params / layer", size(d.shared_expert_params_per_layer)),
         ("params / expert", f"{size(d.params_per_expert)} ({size(d.bytes_per_expert)}B in {d.dtype})"),
-        ("routed expert params", f"{size(d.routed_expert_params)} ({100 * d.routed_expert_params / d.total_params:.1f}% of the model)"),
+        ("routed expert params",
+         f"{size(d.routed_expert_params)} ({100 * d.routed_expert_params / d.total_params:.1f}% of the model)"),
         ("total params", f"{size(d.total_params)} ({size(d.total_bytes)}B)"),
     ]
     width = max(len(k) for k, _ in rows)

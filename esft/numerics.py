@@ -42,7 +42,8 @@ class Tolerance:
 
     def allows(self, actual: torch.Tensor, expected: torch.Tensor) -> bool:
         """True when |actual - expected| <= atol + rtol·|expected| everywhere (and shapes match)."""
-        return actual.shape == expected.shape and torch.allclose(actual.double(), expected.double(), rtol=self.rtol, atol=self.atol)
+        return actual.shape == expected.shape and torch.allclose(actual.double(), expected.double(),
+                                                                 rtol=self.rtol, atol=self.atol)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -15,7 +15,8 @@ CONCENTRATION_LEVELS = (0.1, 0.2, 0.5)
 def experts_to_reach(scores_LE: np.ndarray, top_p: float) -> list[int]:
     """Per layer, how many experts the selection rule takes to reach `top_p` of the score mass."""
     summary = layer_score_dict(tuple(range(len(scores_LE))), scores_LE)
-    return [len(select_top_p([summary[str(l)][str(e)] for e in range(scores_LE.shape[1])], top_p)) for l in range(len(scores_LE))]
+    return [len(select_top_p([summary[str(layer)][str(e)] for e in range(scores_LE.shape[1])], top_p))
+            for layer in range(len(scores_LE))]
 
 
 def concentration_table(scores: ExpertScores) -> dict:
@@ -50,7 +51,7 @@ def overlap(a: ExpertScores, b: ExpertScores, function: str = "token", top_p: fl
 def experts_sets(scores: ExpertScores, function: str, top_p: float) -> list[set[int]]:
     matrix = scores.scores(function)
     summary = layer_score_dict(scores.layers, matrix)
-    return [set(select_top_p([summary[str(l)][str(e)] for e in range(scores.num_experts)], top_p)) for l in scores.layers]
+    return [set(select_top_p([summary[str(layer)][str(e)] for e in range(scores.num_experts)], top_p)) for layer in scores.layers]
 
 
 def save_heatmaps(scores: ExpertScores, out_dir: Path, task: str) -> list[Path]:
@@ -73,7 +74,7 @@ def save_heatmaps(scores: ExpertScores, out_dir: Path, task: str) -> list[Path]:
         for row, chosen in enumerate(selected):
             for expert in chosen:
                 ax.add_patch(plt.Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
-        ax.set_yticks(range(len(scores.layers)), [str(l) for l in scores.layers])
+        ax.set_yticks(range(len(scores.layers)), [str(layer) for layer in scores.layers])
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("routed expert")
         ax.set_ylabel("decoder layer")
@@ -154,7 +155,9 @@ def save_domain_heatmaps(scores_by_domain: dict[str, ExpertScores], path: Path, 
 
     domains = list(scores_by_domain)
     first = scores_by_domain[domains[0]]
-    fig, axes = plt.subplots(len(domains), 1, figsize=(max(8.0, 0.16 * first.num_experts + 2), 1.1 + 0.9 * len(domains) * (0.4 + 0.15 * len(first.layers))),
+    fig, axes = plt.subplots(len(domains), 1,
+                             figsize=(max(8.0, 0.16 * first.num_experts + 2),
+                                      1.1 + 0.9 * len(domains) * (0.4 + 0.15 * len(first.layers))),
                              squeeze=False)
     for ax, domain in zip(axes[:, 0], domains):
         scores = scores_by_domain[domain]
@@ -163,7 +166,7 @@ def save_domain_heatmaps(scores_by_domain: dict[str, ExpertScores], path: Path, 
         for row, chosen in enumerate(experts_sets(scores, "token", top_p)):
             for expert in chosen:
                 ax.add_patch(plt.Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.0))
-        ax.set_yticks(range(len(scores.layers)), [str(l) for l in scores.layers], fontsize=7)
+        ax.set_yticks(range(len(scores.layers)), [str(layer) for layer in scores.layers], fontsize=7)
         ax.set_ylabel(domain, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         fig.colorbar(image, ax=ax, pad=0.01)

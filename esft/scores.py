@@ -153,7 +153,8 @@ class ExpertScores:
         if data.get("gate_fixed_point_bits") != GATE_FIXED_POINT_BITS:
             raise ScoresError(f"{where}: unsupported gate fixed-point precision {data.get('gate_fixed_point_bits')}")
         layers = tuple(_count(x, "layers", where) for x in _field(data, "layers", where))
-        E, K = _count(_field(data, "num_experts", where), "num_experts", where), _count(_field(data, "top_k", where), "top_k", where)
+        E, K = (_count(_field(data, "num_experts", where), "num_experts", where),
+                _count(_field(data, "top_k", where), "top_k", where))
         optional = {k: data.get(k) for k in ("seq_mean_selections", "seq_mean_gate")}
         return cls(
             layers=layers,
@@ -161,7 +162,8 @@ class ExpertScores:
             top_k=K,
             tokens_L=_checked_array(_field(data, "tokens", where), np.int64, (len(layers),), "tokens", where),
             selections_LE=_checked_array(_field(data, "selections", where), np.int64, (len(layers), E), "selections", where),
-            gate_mass_fixed_LE=_checked_array(_field(data, "gate_mass_fixed", where), np.int64, (len(layers), E), "gate_mass_fixed", where),
+            gate_mass_fixed_LE=_checked_array(_field(data, "gate_mass_fixed", where), np.int64, (len(layers), E),
+                                              "gate_mass_fixed", where),
             sequences=_count(data.get("sequences", 0), "sequences", where),
             seq_mean_selections_LE=None if optional["seq_mean_selections"] is None else _checked_array(
                 optional["seq_mean_selections"], np.float64, (len(layers), E), "seq_mean_selections", where),
@@ -287,7 +289,7 @@ def empty_scores_for(model: nn.Module, metadata: dict | None = None) -> ExpertSc
         "family": family_of(model).name,
         **(metadata or {}),
     }
-    return ExpertScores.empty(tuple(l.index for l in layers), num_experts(layers[0]), top_k(layers[0]), meta)
+    return ExpertScores.empty(tuple(layer.index for layer in layers), num_experts(layers[0]), top_k(layers[0]), meta)
 
 
 def profile_rows(

@@ -88,7 +88,9 @@ def _spread_routers(model: PreTrainedModel, seed: int) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32, device="cpu").to(param.dtype) * 0.5)
+                param.copy_(
+                    torch.randn(param.shape, generator=generator, dtype=torch.float32, device="cpu").to(param.dtype) * 0.5
+                )
 
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}

@@ -45,7 +45,9 @@ def load_checkpoint_file(path: str | Path, map_location=None, mmap: bool = False
             f"training state (esft train did not write it, or it was tampered with); {_REMEDY}"
         ) from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} ({_reason(error)}): cannot read checkpoint file, truncated or corrupt; {_REMEDY}") from None
+        raise CheckpointError(
+            f"{path} ({_reason(error)}): cannot read checkpoint file, truncated or corrupt; {_REMEDY}"
+        ) from None
 
 
 _REMEDY = "do not resume from it: start over with another --out (or after deleting the run's ray/ directory)"

@@ -28,7 +28,8 @@ log = logging.getLogger("esft")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own Python code (off by default)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model repo's own Python code (off by default)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -196,7 +197,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     check_output(args.out, directory=True, overwrite=args.overwrite)
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:  # the corpus appears whole or not at all
-        paths = write_corpus(tmp, seed=args.seed, train_rows=args.train_rows, eval_rows=args.eval_rows, general_rows=args.train_rows)
+        paths = write_corpus(tmp, seed=args.seed, train_rows=args.train_rows, eval_rows=args.eval_rows,
+                             general_rows=args.train_rows)
     print(f"wrote {len(paths)} domains ({', '.join(paths)}) x train/eval -> {args.out}")
     return 0
 
@@ -229,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="sweep YAML (see configs/sweep.yaml)")
     p.add_argument("--run-dir", help="override the config's run directory")
     p.add_argument("--max-concurrent-trials", type=int, help="override the config's max_concurrent_trials")
-    p.add_argument("--restart", action="store_true", help="discard an unfinished sweep in the run directory instead of resuming it")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished sweep in the run directory instead of resuming it")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("generate", help="greedy generation from a registered adapter (models:/NAME@champion) or a model")
@@ -244,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="profile expert routing of task corpora on Ray Data (scores, summary, heatmaps)")
     p.add_argument("--config", help="YAML file with these settings; flags override it")
     p.add_argument("--model", help="hub id or local directory of a supported MoE model")
-    p.add_argument("--data", action="append", help="JSONL / Parquet file or directory, saved HF dataset, or hub name; repeat for several tasks")
+    p.add_argument("--data", action="append",
+                   help="JSONL / Parquet file or directory, saved HF dataset, or hub name; repeat for several tasks")
     p.add_argument("--out", help="output directory")
     p.add_argument("--n-sample-tokens", type=int, help="token budget per corpus (default 131072 = 32 x 4096)")
     p.add_argument("--seq-len", type=int, help="packed row length (default 4096)")
@@ -315,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--top-p", type=float, help="cumulative score threshold in (0, 1] (paper: token 0.2, gate 0.1)")
     budget.add_argument("--experts-per-layer", type=int, help="fixed budget: the N best experts of every layer")
-    p.add_argument("--averaging", choices=["token", "sequence"], default="token", help="token-pooled (reference) or per-sequence mean")
+    p.add_argument("--averaging", choices=["token", "sequence"], default="token",
+                   help="token-pooled (reference) or per-sequence mean")
     p.add_argument("--train-shared-experts", action="store_true")
     p.add_argument("--train-non-expert-modules", action="store_true")
     p.add_argument("--out", required=True, help="expert config file to write")
@@ -334,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="the recipe of the embedded mini-moe: tokenizer + MoE pretraining on generated data")
     p.add_argument("--out", help="model directory (default: the package's esft/assets/mini-moe)")
     p.add_argument("--preset", default="mini-moe", choices=["mini-moe", "mini-moe-v1"],
-                   help="mini-moe: the shipped model's recipe (default); mini-moe-v1: the first embedded model (32 experts, template data only)")
+                   help="mini-moe: the shipped model's recipe (default); "
+                        "mini-moe-v1: the first embedded model (32 experts, template data only)")
     p.add_argument("--steps", type=int, help="pretraining steps (default: the preset's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--balance-loss-coef", type=float, help="weight of the expert-balance loss (default: the preset's)")

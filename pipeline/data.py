@@ -157,7 +157,8 @@ def pack_block(
                 yield conversation
 
     samples = tokenize_conversations(conversations(), tok, template=template)
-    packed = iter_packed_rows(samples, seq_len, pad_id=pad_id_of(tok), bos_id=tok.bos_token_id, random_concat_ratio=0.0, seed=seed)
+    packed = iter_packed_rows(samples, seq_len, pad_id=pad_id_of(tok), bos_id=tok.bos_token_id, random_concat_ratio=0.0,
+                              seed=seed)
     chunk, counted, reported = [], 0, 0
     for row in packed:
         chunk.append(row)
@@ -174,7 +175,8 @@ def pack_block(
         yield _packed_arrays(chunk, seq_len, loss_tokens_only, skips["count"] - reported, skips["example"])
 
 
-def _packed_arrays(rows: list[PackedRow], seq_len: int, loss_tokens_only: bool, skipped: int, example: str) -> dict[str, np.ndarray]:
+def _packed_arrays(rows: list[PackedRow], seq_len: int, loss_tokens_only: bool, skipped: int,
+                   example: str) -> dict[str, np.ndarray]:
     n = len(rows)
     attention = np.asarray([row.attention_mask for row in rows], np.int8).reshape(n, seq_len)
     labels = np.asarray([row.labels for row in rows], np.int64).reshape(n, seq_len)

@@ -84,7 +84,8 @@ def read_eval_rows(path: str) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from error
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str) and ("answers" in record or "raw_answers" in record):
+        if (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                and ("answers" in record or "raw_answers" in record)):
             answers = record.get("answers", record.get("raw_answers"))
             answers = [answers] if isinstance(answers, str) else answers
             if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):

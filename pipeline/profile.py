@@ -171,7 +171,8 @@ def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertS
             break
     seconds = time.perf_counter() - started
     if scores.total_tokens == 0:
-        raise ScoresError(f"{source.spec}: no usable tokens to profile (skipped {skipped} malformed rows{': ' + example if example else ''})")
+        raise ScoresError(f"{source.spec}: no usable tokens to profile "
+                          f"(skipped {skipped} malformed rows{': ' + example if example else ''})")
     if scores.total_tokens < config.n_sample_tokens:
         log.warning("  %s: the corpus holds only %d of the %d tokens asked for; profiled all of it",
                     source.task, scores.total_tokens, config.n_sample_tokens)
@@ -239,7 +240,8 @@ def run_profile(config: ProfileConfig) -> list[TaskProfile]:
             atomic_write_text(tmp / "overlap.json", json.dumps(report, indent=1))
             atomic_write_text(tmp / "overlap.md", markdown)
     total = sum(r.scores.total_tokens for r in results)
-    log.info("profiled %d corpora, %d tokens -> %s ; next: esft select --scores %s --score-function token --top-p 0.2 --out expert_cfg.json",
+    log.info("profiled %d corpora, %d tokens -> %s ; "
+             "next: esft select --scores %s --score-function token --top-p 0.2 --out expert_cfg.json",
              len(results), total, config.out, Path(config.out) / results[0].task if len(results) > 1 else config.out)
     return results
 
@@ -252,4 +254,4 @@ def _empty_scores_for_model(config: ProfileConfig) -> ExpertScores:
     skeleton = load_skeleton(config.model, trust_remote_code=config.trust_remote_code)
     layers = moe_layers(skeleton)
     metadata = {"model": config.model, "family": family_of(skeleton).name}
-    return ExpertScores.empty(tuple(l.index for l in layers), num_experts(layers[0]), top_k(layers[0]), metadata)
+    return ExpertScores.empty(tuple(layer.index for layer in layers), num_experts(layers[0]), top_k(layers[0]), metadata)

@@ -89,7 +89,8 @@ def run_quickstart(out: Path, steps: int = 200, overwrite: bool = False) -> dict
 
         config = select_experts(load_layer_scores(run / "profile", "token"), top_p=TOP_P)
         config.save(run / CONFIG_FILENAME)
-        log.info("[3/5] selected %d of %d routed experts (token score, p = %s)", config.num_selected, scores.num_experts * len(scores.layers), TOP_P)
+        log.info("[3/5] selected %d of %d routed experts (token score, p = %s)", config.num_selected,
+                 scores.num_experts * len(scores.layers), TOP_P)
 
         # 4. train only the selected experts
         summary = apply_expert_config(model, config)

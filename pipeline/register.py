@@ -87,7 +87,8 @@ def check_register_settings(settings: dict, known: set[str], where: str) -> None
     allowed = known | {f.name for f in fields(ModelLogging)}
     unknown = set(settings) - allowed
     if unknown:
-        raise ConfigError(f"{where}: unknown register setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}")
+        raise ConfigError(f"{where}: unknown register setting(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(allowed))}")
     options = ModelLogging.from_settings(settings)
     if options.log_base_model not in ("auto", "always", "never"):
         raise ConfigError(f"{where}: register.log_base_model must be auto, always or never")
@@ -112,7 +113,8 @@ def registry_tracking_uri(tracking_uri: str | None) -> str:
     MLflow's default (a new mlflow.db in the current directory), and never a new empty database."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise ConfigError("no MLflow tracking URI for the registry; pass --tracking-uri (e.g. sqlite:///$PWD/runs/sweep/mlflow.db) "
+        raise ConfigError("no MLflow tracking URI for the registry; "
+                          "pass --tracking-uri (e.g. sqlite:///$PWD/runs/sweep/mlflow.db) "
                           "or set MLFLOW_TRACKING_URI")
     database = _sqlite_path(uri)
     if database is not None and not database.exists():
@@ -355,7 +357,9 @@ def log_models(client, run_id: str, adapter_dir: str | Path, base_model: str, to
     if config.base_revision:
         tags["base_revision"] = config.base_revision
     if options.log_merged:
-        tags["merged_model_uri"] = f"models:/{log_merged_model(client, run_id, adapter_dir, base_model, tokenizer, trust_remote_code)}"
+        tags["merged_model_uri"] = (
+            f"models:/{log_merged_model(client, run_id, adapter_dir, base_model, tokenizer, trust_remote_code)}"
+        )
     return model_id, tags
 
 
@@ -388,7 +392,8 @@ def register_version(client, model_name: str, model_id: str, run_id: str, metric
 def version_description(name: str, version: str, tracking_uri: str, base_model: str) -> str:
     """How to load and serve this version, shown in the MLflow UI."""
     uri = f"models:/{name}/{version}"
-    return (f"ESFT fine-tune of {base_model} (pyfunc MLflow Model; the adapter, and the base model when small, are its artifacts).\n\n"
+    return (f"ESFT fine-tune of {base_model} (pyfunc MLflow Model; "
+            "the adapter, and the base model when small, are its artifacts).\n\n"
             f"Python: `mlflow.pyfunc.load_model(\"{uri}\").predict(pandas.DataFrame({{\"prompt\": [\"What is 3 plus 4?\"]}}), "
             f"params={{\"max_new_tokens\": 64}})` with MLFLOW_TRACKING_URI={tracking_uri}\n\n"
             f"Serve: `MLFLOW_TRACKING_URI={tracking_uri} mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5000`, "

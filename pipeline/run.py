@@ -80,8 +80,9 @@ class PipelineConfig:
         from pipeline.train import TrainConfig
 
         tokenizer, remote = self.tokenizer or model, self.trust_remote_code
-        profile = build_config(ProfileConfig, self.profile, {"model": model, "data": [data["train_data"]], "out": str(run / "profile"),
-                               "tokenizer": tokenizer, "overwrite": True, "trust_remote_code": remote}, where=f"{source}: profile")
+        profile = build_config(ProfileConfig, self.profile, {"model": model, "data": [data["train_data"]],
+                               "out": str(run / "profile"), "tokenizer": tokenizer, "overwrite": True,
+                               "trust_remote_code": remote}, where=f"{source}: profile")
         train = build_config(TrainConfig, self.train, {"model": model, "data": data["train_data"], "out": str(run / "train"),
                              "expert_config": str(run / "select" / "expert_cfg.json"), "general_data": data["general_data"],
                              "tokenizer": tokenizer, "trust_remote_code": remote}, where=f"{source}: train")
@@ -96,7 +97,8 @@ class PipelineConfig:
         default's are written (by the assets stage)."""
         if self.model == EMBEDDED:
             return embedded_inputs(run / "assets")
-        return {"model": self.model, "train_data": self.train_data, "eval_data": self.eval_data, "general_data": self.general_data}
+        return {"model": self.model, "train_data": self.train_data, "eval_data": self.eval_data,
+                "general_data": self.general_data}
 
     def validate(self, source: str = "run") -> None:
         """Every section as a whole, before any compute or any file is written."""
@@ -123,7 +125,8 @@ STAGE_MODELS = ("model", "tokenizer", "adapter")
 def stage_key(settings: dict) -> str:
     """The cache key of a stage: its settings, with its input files by content and its models by
     fingerprint, so a file regenerated in place (same path, new rows) makes the stage run again."""
-    return digest(keyed(settings, data=[k for k in STAGE_DATA if k in settings], models=[k for k in STAGE_MODELS if k in settings]))
+    return digest(keyed(settings, data=[k for k in STAGE_DATA if k in settings],
+                        models=[k for k in STAGE_MODELS if k in settings]))
 
 
 def stage(run_dir: Path, name: str, inputs: dict, work: Callable[[], object]) -> dict:
@@ -161,7 +164,8 @@ def prepare_embedded(out: Path) -> dict:
     from esft.pretrain import ASSET_DIR
 
     if not (ASSET_DIR / "model.safetensors").exists():
-        raise ConfigError(f"the embedded model is missing at {ASSET_DIR}; rebuild it with `esft pretrain` or reinstall the package")
+        raise ConfigError(f"the embedded model is missing at {ASSET_DIR}; "
+                          "rebuild it with `esft pretrain` or reinstall the package")
     inputs = embedded_inputs(out)
     splits = {"train_data": synthetic.rows("math", 1100, seed=0), "eval_data": synthetic.rows("math", 64, seed=0, split="eval"),
               "general_data": synthetic.rows(synthetic.GENERAL, 200, seed=0, split="eval")}
@@ -197,7 +201,8 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
         from esft import synthetic
         from esft.pretrain import ASSET_DIR
 
-        embedded = {"embedded": "mini-moe", "model": model_fingerprint(str(ASSET_DIR)), "generator": content_hash(synthetic.__file__)}
+        embedded = {"embedded": "mini-moe", "model": model_fingerprint(str(ASSET_DIR)),
+                    "generator": content_hash(synthetic.__file__)}
         inputs = stage(run, "assets", embedded, lambda: prepare_embedded(run / "assets"))["result"]
     else:
         inputs = config.inputs(run)
@@ -247,8 +252,10 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
         registration = register_adapter(
             run / "train" / "adapter", model_name=register_cfg["model_name"], run_dir=run, metric_name=register_cfg["metric"],
             metrics={**evaluated, **{k: v for k, v in trained.items() if isinstance(v, (int, float))}},
-            params={**{k: v for k, v in asdict(selection).items() if v is not None}, "selected_experts": selected, "method": train_cfg.method, "base_model": model},
-            tags={"base_model": model, "family": adapter_summary(run / "train" / "adapter")["family"], "score_function": selection.score_function,
+            params={**{k: v for k, v in asdict(selection).items() if v is not None}, "selected_experts": selected,
+                    "method": train_cfg.method, "base_model": model},
+            tags={"base_model": model, "family": adapter_summary(run / "train" / "adapter")["family"],
+                  "score_function": selection.score_function,
                   "top_p": str(selection.top_p), "selected_experts": str(selected), "task": Path(inputs["train_data"]).stem},
             tracking_uri=register_cfg.get("tracking_uri"), base_model=model, tokenizer=config.tokenizer,
             options=ModelLogging.from_settings(register_cfg), trust_remote_code=config.trust_remote_code,
@@ -263,5 +270,6 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
              registered["champion"])
     for line in gain_lines(baseline, evaluated, eval_cfg.metric):
         log.info("%s", line)
-    log.info("artifacts: %s/{profile,select,train,eval}; MLflow UI: mlflow ui --backend-store-uri %s", run, registered["tracking_uri"])
+    log.info("artifacts: %s/{profile,select,train,eval}; MLflow UI: mlflow ui --backend-store-uri %s", run,
+             registered["tracking_uri"])
     return summary

@@ -142,7 +142,8 @@ def plan_base(base_model: str, log_base_model: str = "auto", limit_mb: float = A
         raise EsftError(f"register: {local} holds no safetensors weights; save the base model with save_pretrained")
     size_mb = sum(p.stat().st_size for p in files) / 1024**2
     logged = log_base_model == "always" or (log_base_model == "auto" and size_mb <= limit_mb)
-    fields = {"base_model": str(local), "base_source": BASE_LOGGED if logged else BASE_LOCAL, "base_fingerprint": fingerprint(local)}
+    fields = {"base_model": str(local), "base_source": BASE_LOGGED if logged else BASE_LOCAL,
+              "base_fingerprint": fingerprint(local)}
     return fields, local if logged else None
 
 
@@ -164,7 +165,8 @@ def stage_model_files(directory: Path, out: Path, weights: bool = True) -> Path:
 
 def _how_to_point_at_a_copy() -> str:
     return ("point at a copy with `esft generate --base-model DIR`, mlflow.pyfunc.load_model(uri, model_config="
-            "{'base_model_path': DIR}), or MLFLOW_PYFUNC_INFERENCE_CONFIG='{\"base_model_path\": \"DIR\"}' for mlflow models serve")
+            "{'base_model_path': DIR}), or MLFLOW_PYFUNC_INFERENCE_CONFIG='{\"base_model_path\": \"DIR\"}' "
+            "for mlflow models serve")
 
 
 def resolve_base(config: ServingConfig, artifacts: dict[str, str]) -> tuple[str, str | None]:
@@ -243,7 +245,8 @@ def prompts_of(model_input) -> list[str]:
     else:
         prompts = list(model_input)
     if isinstance(prompts, list):  # a {"prompt": [...]} dict arrives as one row holding the list
-        prompts = [q for p in prompts for q in ([p] if isinstance(p, str) else list(p) if isinstance(p, (list, tuple, np.ndarray)) else [p])]
+        prompts = [q for p in prompts
+                   for q in ([p] if isinstance(p, str) else list(p) if isinstance(p, (list, tuple, np.ndarray)) else [p])]
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise EsftError("predict: every prompt must be a string")
     return prompts

@@ -119,7 +119,8 @@ class SweepTracker(Callback):
             client.log_param(run_id, key, str(result.get(key)))
         work = Path(result["work_dir"])
         self._log_history(client, run_id, json.loads((work / "train" / "metrics.json").read_text()).get("history", []))
-        final = {k: v for k, v in _numbers(result).items() if k not in ("selected_experts", "trainable_parameters", "step", *STEP_METRICS)
+        final = {k: v for k, v in _numbers(result).items()
+                 if k not in ("selected_experts", "trainable_parameters", "step", *STEP_METRICS)
                  and not k.startswith(("time_", "training_iteration", "timestamp", "pid", "iterations_"))}
         for key, value in final.items():
             client.log_metric(run_id, key, value)

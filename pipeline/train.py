@@ -133,7 +133,8 @@ def prepare_data(config: TrainConfig, tokenizer) -> dict[str, np.ndarray]:
     else:
         held_out = max(1, int(len(task) * config.validation_fraction))
         if held_out >= len(task):
-            raise ConfigError(f"train: {config.data} has {len(task)} conversations, too few to hold out a validation split; pass --eval-data")
+            raise ConfigError(f"train: {config.data} has {len(task)} conversations, "
+                              "too few to hold out a validation split; pass --eval-data")
         train, valid = task[held_out:], task[:held_out]
     data = {"train": _pack(train, tokenizer, config, 0.2), "valid": _pack(valid, tokenizer, config, 0.0)}
     if config.general_data:
@@ -194,7 +195,8 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> dict:
     tokenizer = cached_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     data = prepare_data(config, tokenizer)
     log.info("train: %s on %s, %d train / %d validation rows of %d tokens, %d worker(s), %s",
-             config.method, config.model, len(data["train"]), len(data["valid"]), config.seq_len, config.workers, config.deepspeed)
+             config.method, config.model, len(data["train"]), len(data["valid"]), config.seq_len, config.workers,
+             config.deepspeed)
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -212,7 +214,8 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> dict:
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}),
+                                     resources_per_worker={"CPU": config.cpus_per_worker,
+                                                           **({"GPU": 1} if config.use_gpu else {})}),
         run_config=RunConfig(
             storage_path=str(out / "ray"),
             name=RUN_NAME,
@@ -509,7 +512,8 @@ def _peak_memory_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _save_and_report(engine, trainable, config: TrainConfig, step: int, history: list[dict], rank: int, world: int, device) -> None:
+def _save_and_report(engine, trainable, config: TrainConfig, step: int, history: list[dict], rank: int, world: int,
+                     device) -> None:
     import deepspeed
     import ray.train
 

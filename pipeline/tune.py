@@ -71,7 +71,8 @@ class SearchSpace:
     def selections(self) -> list[dict]:
         points = [{"score_function": "token", "top_p": p} for p in self.token_top_p]
         points += [{"score_function": "gate", "top_p": p} for p in self.gate_top_p]
-        points += [{"score_function": f, "experts_per_layer": n} for f in self.budget_score_functions for n in self.experts_per_layer]
+        points += [{"score_function": f, "experts_per_layer": n}
+                   for f in self.budget_score_functions for n in self.experts_per_layer]
         return points
 
     def validate(self) -> None:
@@ -115,17 +116,20 @@ class SearcherConfig:
         from esft.select import check_top_p
 
         if self.algorithm != "optuna":
-            raise ConfigError(f"tune: searcher.algorithm {self.algorithm!r} is not known; use optuna (or leave searcher out for the grid)")
+            raise ConfigError(f"tune: searcher.algorithm {self.algorithm!r} is not known; "
+                              "use optuna (or leave searcher out for the grid)")
         for name in ("num_samples", "startup_trials"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "num_samples" else 0):
-                raise ConfigError(f"tune: searcher.{name} must be a {'positive' if name == 'num_samples' else 'non-negative'} integer")
+                raise ConfigError(f"tune: searcher.{name} must be a "
+                                  f"{'positive' if name == 'num_samples' else 'non-negative'} integer")
         if not self.kinds or any(k not in SELECTION_KINDS for k in self.kinds):
             raise ConfigError(f"tune: searcher.kinds must name some of {', '.join(SELECTION_KINDS)}")
         for name in ("token_top_p", "gate_top_p", "experts_per_layer", "lr"):
             values = getattr(self, name)
             if name == "lr" and not values:
                 continue
-            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or values[0] > values[1]:
+            if (len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                    or values[0] > values[1]):
                 raise ConfigError(f"tune: searcher.{name} must be a range [low, high] with low <= high, got {values!r}")
         for p in self.token_top_p + self.gate_top_p:
             check_top_p(p)
@@ -212,7 +216,8 @@ class SweepConfig:
         self.pipeline().validate("tune")
         unknown = set(self.objective) - {"metric", "mode", "general_loss_weight"}
         if unknown:
-            raise ConfigError(f"tune: unknown objective setting(s) {', '.join(sorted(unknown))}; known: metric, mode, general_loss_weight")
+            raise ConfigError(f"tune: unknown objective setting(s) {', '.join(sorted(unknown))}; "
+                              "known: metric, mode, general_loss_weight")
         searcher = self.searcher_config()
         if searcher:
             if self.search:
@@ -408,7 +413,8 @@ def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict,
     if (work / "train").exists() and not train_cfg.resume:
         shutil.rmtree(work / "train")
     trained = _run_train_reporting_to_tune(train_cfg, context)
-    eval_cfg = EvalConfig(**{**setup["eval"], "adapter": str(work / "train" / "adapter"), "out": str(work / "eval" / "metrics.json")})
+    eval_cfg = EvalConfig(**{**setup["eval"], "adapter": str(work / "train" / "adapter"),
+                             "out": str(work / "eval" / "metrics.json")})
     evaluated = run_eval(eval_cfg)
     return {
         **{k: v for k, v in evaluated.items() if isinstance(v, (int, float))},
@@ -500,7 +506,8 @@ def suggest_trial(trial, searcher: SearcherConfig) -> dict:
         selection = {"score_function": kind, "top_p": trial.suggest_float(f"{kind}_top_p", low, high)}
     else:
         low, high = searcher.experts_per_layer
-        selection = {"score_function": kind.removesuffix("_budget"), "experts_per_layer": trial.suggest_int("experts_per_layer", low, high)}
+        selection = {"score_function": kind.removesuffix("_budget"),
+                     "experts_per_layer": trial.suggest_int("experts_per_layer", low, high)}
     lr = trial.suggest_float("lr", *searcher.lr, log=True) if searcher.lr else None
     shared = searcher.train_shared_experts
     train_shared = trial.suggest_categorical("train_shared_experts", shared) if len(set(shared)) > 1 else shared[0]
@@ -606,7 +613,8 @@ def summary_markdown(rows: list[dict], metric: str, registered: dict | None) -> 
     def cell(value) -> str:
         return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
 
-    lines = [f"| trial | score fn | setting | lr | shared | experts | {metric} | objective | general loss | valid loss | status |",
+    lines = [f"| trial | score fn | setting | lr | shared | experts | {metric} | "
+             "objective | general loss | valid loss | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['trial']} | {r['score_function']} | {r['setting']} | {cell(r['lr']) or 'default'} | {cell(r['shared'])} | "
               f"{cell(r['experts'])} | {cell(r['metric'])} | {cell(r['objective'])} | {cell(r['general_loss'])} | "
@@ -642,7 +650,8 @@ def _register_best(best: dict, tracker, config: SweepConfig, metric: str, mode: 
                                       config.trust_remote_code)
     tags = {"base_model": base_model, "family": adapter_summary(adapter)["family"], "task": task,
             "score_function": best["score_function"], "selection": best["setting"],
-            "top_p": str(best["selection"].get("top_p")), "selected_experts": str(best["experts"]), "sweep": config.name, **model_tags}
+            "top_p": str(best["selection"].get("top_p")), "selected_experts": str(best["experts"]),
+            "sweep": config.name, **model_tags}
     registration = register_version(client, config.register.get("model_name") or config.name, model_id, run_id, metric,
                                     float(best["metric"]), tags, tracker.tracking_uri, higher_is_better=mode == "max")
     return asdict(registration)
@@ -656,7 +665,8 @@ def _sweep_state(run: Path, fingerprint: str, inputs_key: str, restart: bool) ->
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state and not restart:
         if state.get("fingerprint") != fingerprint:
-            raise ConfigError(f"tune: {run} holds a sweep with other settings; pass --restart to start over there, or choose another run_dir")
+            raise ConfigError(f"tune: {run} holds a sweep with other settings; "
+                              "pass --restart to start over there, or choose another run_dir")
         if state.get("inputs", inputs_key) != inputs_key:
             raise ConfigError(f"tune: {run} holds a sweep on another model or other data (the files changed since); "
                               "pass --restart to start over there, or choose another run_dir")
@@ -708,7 +718,8 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     if config.model == "embedded":
         inputs = prepare_embedded(run / "assets")
     else:
-        inputs = {"model": config.model, "train_data": config.train_data, "eval_data": config.eval_data, "general_data": config.general_data}
+        inputs = {"model": config.model, "train_data": config.train_data, "eval_data": config.eval_data,
+                  "general_data": config.general_data}
     profile_cfg, train_cfg, eval_cfg = pipeline.stage_configs(inputs["model"], inputs, run)
     train_cfg.validate()
     eval_cfg.validate()
@@ -731,17 +742,20 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     scores = ExpertScores.load(profile_dir / SCORES_FILENAME)
     data_hash = digest([content_hash(inputs["train_data"]), content_hash(inputs["eval_data"])])
     tracking_uri = config.register.get("tracking_uri") or default_tracking_uri(run)
-    searched = {"searcher": json.dumps(asdict(config.searcher_config()))} if config.searcher else {"search": json.dumps(asdict(config.space()))}
+    searched = ({"searcher": json.dumps(asdict(config.searcher_config()))} if config.searcher
+                else {"search": json.dumps(asdict(config.space()))})
     if config.scheduler:
         searched["scheduler"] = json.dumps(asdict(config.scheduler_config()))
     state["parent_run_id"] = start_parent_run(tracking_uri, "esft-sweeps", artifact_root(tracking_uri, run), config.name,
-                                              {"base_model": inputs["model"], "data_hash": data_hash, "objective": metric, **searched},
+                                              {"base_model": inputs["model"], "data_hash": data_hash, "objective": metric,
+                                               **searched},
                                               state.get("parent_run_id"))
     atomic_write_text(run / "sweep.json", json.dumps(state, indent=1))
     atomic_write_text(run / JOURNAL, json.dumps(journal, indent=1))
     tracker = SweepTracker(tracking_uri, state["parent_run_id"], inputs["model"], data_hash)
 
-    setup = {"run_dir": str(run), "profile_dir": str(profile_dir), "num_experts": scores.num_experts, "objective": [metric, mode, weight],
+    setup = {"run_dir": str(run), "profile_dir": str(profile_dir), "num_experts": scores.num_experts,
+             "objective": [metric, mode, weight],
              "train": train, "eval": {k: v for k, v in asdict(eval_cfg).items() if k not in ("out", "adapter")},
              "interrupted_trials": sorted(rerun)}
     trial_journal = TrialJournal(run, journal)
@@ -770,7 +784,8 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
                                     config.tokenizer)
     markdown = summary_markdown(rows, metric, registered)
     atomic_write_text(run / "sweep_summary.md", markdown)
-    atomic_write_text(run / "sweep_summary.json", json.dumps({"rows": rows, "best": best, "registered": registered}, indent=1, default=str))
+    atomic_write_text(run / "sweep_summary.json",
+                      json.dumps({"rows": rows, "best": best, "registered": registered}, indent=1, default=str))
     failed = sum(r["status"].startswith("failed") for r in rows)
     stopped = sum(r["status"].startswith("stopped early") for r in rows)
     finish_parent_run(tracking_uri, state["parent_run_id"], {f"best_{metric}": best["metric"] if best else float("nan"),

@@ -106,7 +106,8 @@ def test_reference_style_adapter_loads(batch, tmp_path):
         },
         tmp_path / "model.safetensors",
     )
-    (tmp_path / "expert_cfg.json").write_text(json.dumps({"experts": {"2": [5]}, "shared_experts": False, "non_expert_modules": False}))
+    (tmp_path / "expert_cfg.json").write_text(json.dumps({"experts": {"2": [5]}, "shared_experts": False,
+                                                          "non_expert_modules": False}))
     load_adapter(base, tmp_path)
     merge_adapter(base)
     assert torch.equal(experts.gate_up_proj[5], gate_up)
@@ -154,9 +155,11 @@ def _add_tensor(adapter_dir, name: str, value: torch.Tensor) -> None:
 @pytest.mark.parametrize(
     "name, flag, message",
     [
-        ("model.embed_tokens.weight", "non_expert_modules", "holds the non-expert tensor 'model.embed_tokens.weight' but its expert_cfg.json says non_expert_modules: false"),
+        ("model.embed_tokens.weight", "non_expert_modules",
+         "holds the non-expert tensor 'model.embed_tokens.weight' but its expert_cfg.json says non_expert_modules: false"),
         ("model.layers.2.self_attn.o_proj.weight", "non_expert_modules", "says non_expert_modules: false"),
-        ("model.layers.2.mlp.shared_experts.down_proj.weight", "shared_experts", "holds the shared-expert tensor .* says shared_experts: false"),
+        ("model.layers.2.mlp.shared_experts.down_proj.weight", "shared_experts",
+         "holds the shared-expert tensor .* says shared_experts: false"),
         ("model.layers.2.mlp.experts.down_proj", None, "holds the whole fused tensor"),
     ],
 )

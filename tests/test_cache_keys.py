@@ -62,7 +62,8 @@ def test_keyed_hashes_named_paths_and_leaves_other_settings(tmp_path):
     data.write_text("1\n")
     settings = {"data": [str(data)], "general_data": str(data), "lr": 1e-3, "model": "tiny:deepseek_v2"}
     key = keyed(settings, data=["data", "general_data"], models=["model"])
-    assert key == {"data": [content_hash(str(data))], "general_data": content_hash(str(data)), "lr": 1e-3, "model": "tiny:deepseek_v2"}
+    assert key == {"data": [content_hash(str(data))], "general_data": content_hash(str(data)), "lr": 1e-3,
+                   "model": "tiny:deepseek_v2"}
     data.write_text("2\n")
     assert digest(keyed(settings, data=["data"])) != digest(key)
     assert digest({"a": 1, "b": 2}) == digest({"b": 2, "a": 1})

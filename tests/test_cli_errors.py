@@ -93,10 +93,12 @@ def test_an_unknown_model_type_is_one_line(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "brand_new_moe", "architectures": ["BrandNewMoeForCausalLM"]}))
-    for command in (["inspect", str(model)], ["merge", "--model", str(model), "--adapter", str(tmp_path), "--out", str(tmp_path / "m")]):
+    for command in (["inspect", str(model)],
+                    ["merge", "--model", str(model), "--adapter", str(tmp_path), "--out", str(tmp_path / "m")]):
         assert esft(command) == 2
         error = one_error_line(capsys)
-        assert "has model_type 'brand_new_moe', which transformers" in error and "ESFT supports the MoE families deepseek_v2" in error
+        assert ("has model_type 'brand_new_moe', which transformers" in error
+                and "ESFT supports the MoE families deepseek_v2" in error)
         assert "pip install" not in error
 
 
@@ -146,9 +148,11 @@ OUT_CASES = {
                                         _non_empty_dir, "already exists; pass --overwrite"),
     "merge over a file": (lambda t, out: ["merge", "--model", "tiny:deepseek_v2", "--adapter", str(t), "--out", str(out)],
                           _existing_file, "is a file, but a directory is written there"),
-    "merge into a non-empty directory": (lambda t, out: ["merge", "--model", "tiny:deepseek_v2", "--adapter", str(t), "--out", str(out)],
+    "merge into a non-empty directory": (lambda t, out: ["merge", "--model", "tiny:deepseek_v2", "--adapter", str(t),
+                                                         "--out", str(out)],
                                          _non_empty_dir, "already exists; pass --overwrite"),
-    "profile into a non-empty directory": (lambda t, out: ["profile", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out)],
+    "profile into a non-empty directory": (lambda t, out: ["profile", "--model", "tiny:deepseek_v2", "--data", "d.jsonl",
+                                                           "--out", str(out)],
                                            _non_empty_dir, "already exists; pass --overwrite"),
     "train over a file": (lambda t, out: ["train", "--model", "tiny:deepseek_v2", "--data", "d.jsonl", "--out", str(out)],
                           _existing_file, "is a file, but a directory is written there"),

@@ -155,7 +155,8 @@ def test_empty_file_is_an_error_naming_the_file(tmp_path, content):
 def test_fully_invalid_file_is_an_error_even_when_skipping(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ["{bad", json.dumps({"id": 1})])
     for skip_invalid in (False, True):
-        with pytest.raises(DataError, match=rf"^{re.escape(path)}: all 2 non-blank lines are invalid, first: {re.escape(path)}:1: invalid JSON"):
+        with pytest.raises(DataError, match=rf"^{re.escape(path)}: all 2 non-blank lines are invalid, "
+                                            rf"first: {re.escape(path)}:1: invalid JSON"):
             read_conversations(path, skip_invalid=skip_invalid)
 
 
@@ -194,7 +195,7 @@ def test_reference_single_turn_ids_and_labels(tok):
     assert sample.input_ids == [BOS] + prompt + answer + [EOS]
     assert sample.labels == [X] * (1 + len(prompt)) + answer + [EOS]
     assert tok.decode(sample.input_ids) == "<s>User: What is 12 plus 30?\n\nAssistant: 42.</s>"
-    assert tok.decode([t for t, l in zip(sample.input_ids, sample.labels) if l != X]) == " 42.</s>"
+    assert tok.decode([t for t, label in zip(sample.input_ids, sample.labels) if label != X]) == " 42.</s>"
 
 
 def test_reference_multi_turn_with_masked_assistant_turn(tok):
@@ -211,7 +212,7 @@ def test_reference_multi_turn_with_masked_assistant_turn(tok):
 
 def test_reference_multi_turn_both_answers_in_loss(tok):
     sample = format_reference(conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")), tok)
-    learned = [t for t, l in zip(sample.input_ids, sample.labels) if l != X]
+    learned = [t for t, label in zip(sample.input_ids, sample.labels) if label != X]
     assert learned == enc(tok, " b") + [EOS] + enc(tok, " d") + [EOS]
 
 
@@ -225,7 +226,8 @@ def test_reference_needs_bos_and_eos(tok):
 def test_prompt_response_row_formats_like_messages(tmp_path, tok):
     path = write_jsonl(
         tmp_path / "t.jsonl",
-        [json.dumps({"prompt": "Say hi", "response": "hi"}), row([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}])],
+        [json.dumps({"prompt": "Say hi", "response": "hi"}),
+         row([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}])],
     )
     first, second = tokenize_conversations(read_conversations(path), tok)
     assert first.input_ids == second.input_ids == [BOS] + enc(tok, "User: Say hi\n\nAssistant:") + enc(tok, " hi") + [EOS]
@@ -268,7 +270,7 @@ def test_chat_template_labels_only_assistant_turns(chat_tok):
 
 def test_chat_template_both_turns_in_loss(chat_tok):
     sample = format_chat_template(conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")), chat_tok)
-    learned = [t for t, l in zip(sample.input_ids, sample.labels) if l != X]
+    learned = [t for t, label in zip(sample.input_ids, sample.labels) if label != X]
     assert chat_tok.decode(learned) == "b</s>d</s>"
 
 
@@ -397,7 +399,8 @@ def test_packing_is_deterministic_for_a_seed():
         assert rows_as_tuples(first) == rows_as_tuples(second)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"seq_length": 0}, "seq_length"), ({"random_concat_ratio": 1.5}, "random_concat_ratio")])
+@pytest.mark.parametrize("kwargs, message",
+                         [({"seq_length": 0}, "seq_length"), ({"random_concat_ratio": 1.5}, "random_concat_ratio")])
 def test_packing_rejects_bad_arguments(kwargs, message):
     args = {"seq_length": 8, "random_concat_ratio": 0.2, **kwargs}
     for document_aware in (False, True):

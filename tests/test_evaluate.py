@@ -50,18 +50,18 @@ def test_predictions_equal_in_process_greedy_decoding_and_score(assets, tmp_path
     metrics = run_eval(EvalConfig(model=str(assets["model"]), data=str(data), out=str(tmp_path / "m.json"),
                                   metric=["exact_match", "numeric", "rouge_l"], max_new_tokens=12, batch_size=1,
                                   general_data=str(data)))
-    lines = [json.loads(l) for l in (tmp_path / "m.predictions.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "m.predictions.jsonl").read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
-    expected = reference_predictions(model, tokenizer, [l["prompt"] for l in lines], 12)
-    assert [l["prediction"] for l in lines] == expected
+    expected = reference_predictions(model, tokenizer, [line["prompt"] for line in lines], 12)
+    assert [line["prediction"] for line in lines] == expected
     assert lines[0]["prompt"] == "User: " + rows[0]["messages"][0]["content"] + "\n\nAssistant:"
     assert metrics["n"] == 6 and 0 <= metrics["exact_match"] <= 1
     assert json.loads((tmp_path / "m.json").read_text())["rouge_l"] == metrics["rouge_l"]
     assert math.isclose(metrics["general_perplexity"], math.exp(metrics["general_loss"]))
 
     # the same predictions as references score 1.0 exact match
-    ref_rows = [{"prompt": l["prompt"], "answers": [l["prediction"] or "None"]} for l in lines]
+    ref_rows = [{"prompt": line["prompt"], "answers": [line["prediction"] or "None"]} for line in lines]
     again = run_eval(EvalConfig(model=str(assets["model"]), data=str(write_jsonl(tmp_path / "ref.jsonl", ref_rows)),
                                 out=str(tmp_path / "again.json"), metric=["exact_match"], max_new_tokens=12, batch_size=2))
     assert again["exact_match"] == 1.0
@@ -79,11 +79,13 @@ def test_adapter_evaluation_uses_the_trained_experts(assets, tmp_path):
     data = write_jsonl(tmp_path / "eval.jsonl", rows)
     run_eval(EvalConfig(model=str(assets["model"]), adapter=str(tmp_path / "adapter"), data=str(data),
                         out=str(tmp_path / "a.json"), metric=["numeric"], max_new_tokens=8, batch_size=1))
-    lines = [json.loads(l) for l in (tmp_path / "a.predictions.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "a.predictions.jsonl").read_text().splitlines()]
     adapted = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
     load_adapter(adapted, tmp_path / "adapter")
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
-    assert [l["prediction"] for l in lines] == reference_predictions(adapted, tokenizer, [l["prompt"] for l in lines], 8)
+    assert [line["prediction"] for line in lines] == reference_predictions(
+        adapted, tokenizer, [line["prompt"] for line in lines], 8
+    )
 
 
 def test_eval_row_formats_and_errors(tmp_path):

@@ -61,7 +61,8 @@ def test_inspect_cli_reads_a_local_directory_without_weights(tmp_path, capsys):
 
 
 def test_dense_and_unsupported_models_get_clear_errors(tmp_path, capsys):
-    llama = AutoConfig.for_model("llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    llama = AutoConfig.for_model("llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2)
     AutoModelForCausalLM.from_config(llama).save_pretrained(tmp_path / "llama")
     assert esft(["inspect", str(tmp_path / "llama")]) == 2
     assert "unsupported model family 'llama': ESFT supports deepseek_v2" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def test_matched_forgetting_interpolates_inside_the_curve_only(fidelity):
 
 
 def test_row_scores_per_metric(fidelity):
-    assert fidelity.row_scores("math", ["3 + 4 = 7. The answer is 7.", "The answer is 8."], ["... The answer is 7.", "... The answer is 9."]) == [1.0, 0.0]
+    assert fidelity.row_scores("math", ["3 + 4 = 7. The answer is 7.", "The answer is 8."],
+                               ["... The answer is 7.", "... The answer is 9."]) == [1.0, 0.0]
     assert fidelity.row_scores("code", ["16", " 17"], ["16", "16"]) == [1.0, 0.0]
     perfect, partial = fidelity.row_scores("translation", ["te pesepu nova", "te"], ["te pesepu nova", "te pesepu nova"])
     assert perfect == pytest.approx(1.0) and 0.0 < partial < 1.0

@@ -30,12 +30,14 @@ def test_numeric_match():
 def test_intent_match_reference_rule():
     answer = '{"intent": "book_table", "slots": {"people": "2", "time": ["7 pm", "8 pm"]}}'
     assert intent_match('{"intent": "book_table", "slots": {"time": ["8pm", "7pm"], "people": "2"}}', [answer]) == 1.0
-    assert intent_match('```json\n{"intent": "book_table", "slots": {"people": "2", "time": ["7 pm", "8 pm"]}}\n```', [answer]) == 1.0
+    assert intent_match('```json\n{"intent": "book_table", "slots": {"people": "2", "time": ["7 pm", "8 pm"]}}\n```',
+                        [answer]) == 1.0
     assert intent_match('{"intent": "book_table", "slots": {"people": "2"}}\nmore text', [answer]) == 0.0  # a slot missing
     assert intent_match('{"intent": "cancel", "slots": {"people": "2", "time": ["7 pm", "8 pm"]}}', [answer]) == 0.0
     assert intent_match("not json", [answer]) == 0.0
     # both sides normalised alike: a space inside the reference value does not fail a correct prediction
-    assert intent_match('{"intent": "x", "slots": {"city": "New York"}}', ['{"intent": "x", "slots": {"city": "New York"}}']) == 1.0
+    assert intent_match('{"intent": "x", "slots": {"city": "New York"}}',
+                        ['{"intent": "x", "slots": {"city": "New York"}}']) == 1.0
 
 
 def test_corpus_scores_and_mean():

@@ -80,7 +80,8 @@ def single_process_scores(assets, budget: int, threads: int) -> ExpertScores:
     torch.set_num_threads(threads)
     try:
         for start in range(0, len(packed["input_ids"]), BATCH):
-            part = {k: torch.from_numpy(packed[k][start:start + BATCH]).long() for k in ("input_ids", "attention_mask", "token_mask")}
+            part = {k: torch.from_numpy(packed[k][start:start + BATCH]).long()
+                    for k in ("input_ids", "attention_mask", "token_mask")}
             rows = profile_rows(model, part["input_ids"], part["attention_mask"], part["token_mask"])
             for b in range(len(rows)):
                 if scores.total_tokens < budget:

@@ -66,7 +66,8 @@ def registry(tmp_path_factory):
     here = os.getcwd()
     os.chdir(cwd)  # nothing may land in the current directory
     try:
-        versions = [register(run_dir / f"a{scale:g}", run_dir, store, metric) for scale, metric in ((2.0, 0.5), (3.0, 0.4), (4.0, 0.7))]
+        versions = [register(run_dir / f"a{scale:g}", run_dir, store, metric)
+                    for scale, metric in ((2.0, 0.5), (3.0, 0.4), (4.0, 0.7))]
     finally:
         os.chdir(here)
     return {"root": root, "run_dir": run_dir, "cwd": cwd, "versions": versions, "champion": trained[4.0],
@@ -105,7 +106,8 @@ def test_a_fresh_process_loads_the_champion_with_mlflow_and_answers_like_esft_ge
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     answers = json.loads(done.stdout.strip().splitlines()[-1])
-    assert answers["frame"] == answers["list"] and len(answers["frame"]) == 2 and all(isinstance(a, str) for a in answers["frame"])
+    assert (answers["frame"] == answers["list"] and len(answers["frame"]) == 2
+            and all(isinstance(a, str) for a in answers["frame"]))
 
     generated = []
     for prompt in PROMPTS:
@@ -233,7 +235,8 @@ def test_a_version_of_the_previous_format_still_loads_or_fails_clearly(tmp_path)
     client.log_artifacts(run.info.run_id, str(run_dir / "adapter"), artifact_path="adapter")
     client.create_registered_model("old-format")
     for base in (str(run_dir / "base"), str(tmp_path / "gone")):  # the way esft registered before: a bare adapter directory
-        client.create_model_version("old-format", f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id, tags={"base_model": base})
+        client.create_model_version("old-format", f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id,
+                                    tags={"base_model": base})
     ids = torch.randint(4, 300, (1, 12))
     with torch.no_grad():
         assert torch.equal(load_registered("models:/old-format/1", uri)[0](ids).logits, trained(ids).logits)
@@ -248,7 +251,8 @@ def test_generate_names_a_missing_registry_and_writes_nothing(tmp_path, monkeypa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["generate", "models:/nope@champion", "--prompt", "hi"]) == 2
     assert "esft: error: no MLflow tracking URI" in capsys.readouterr().err
-    assert main(["generate", "models:/nope@champion", "--prompt", "hi", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert main(["generate", "models:/nope@champion", "--prompt", "hi", "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'none.db'}"]) == 2
     assert "no MLflow database at" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no ./mlflow.db, no new empty database
 
@@ -302,7 +306,8 @@ def test_no_database_file_is_tracked_by_git():
         pytest.skip("not a git checkout")
     tracked = subprocess.run(["git", "ls-files", "*.db"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert tracked == []
-    ignored = subprocess.run(["git", "check-ignore", "mlflow.db", "mlruns/0", "mlartifacts/1"], cwd=ROOT, capture_output=True, text=True)
+    ignored = subprocess.run(["git", "check-ignore", "mlflow.db", "mlruns/0", "mlartifacts/1"], cwd=ROOT,
+                             capture_output=True, text=True)
     assert ignored.stdout.split() == ["mlflow.db", "mlruns/0", "mlartifacts/1"]
 
 

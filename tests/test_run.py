@@ -34,7 +34,8 @@ def test_pipeline_runs_end_to_end_then_skips_resumes_and_retrains_a_changed_sele
     assert summary["baseline"]["numeric"] == baseline["numeric"] and baseline["n"] == 64
     assert summary["baseline"]["general_loss"] != summary["general_loss"]  # the adapter changed the model
     assert (f"numeric: vanilla {baseline['numeric']:.4f} -> fine-tuned {summary['numeric']:.4f}") in caplog.text
-    assert f"general-domain loss: vanilla {baseline['general_loss']:.4f} -> fine-tuned {summary['general_loss']:.4f}" in caplog.text
+    assert (f"general-domain loss: vanilla {baseline['general_loss']:.4f} "
+            f"-> fine-tuned {summary['general_loss']:.4f}") in caplog.text
 
     caplog.clear()
     run_pipeline(quick_config(run_dir))  # nothing changed: every stage is skipped

@@ -74,7 +74,8 @@ def test_cli_select_from_reference_summary(tmp_path):
     )
     out = tmp_path / "expert_cfg.json"
     assert esft(["select", "--scores", str(summary), "--score-function", "token", "--top-p", "0.6", "--out", str(out)]) == 0
-    assert json.loads(out.read_text()) == {"experts": {"1": [3, 2], "2": [0, 1, 2]}, "shared_experts": False, "non_expert_modules": False}
+    assert json.loads(out.read_text()) == {"experts": {"1": [3, 2], "2": [0, 1, 2]}, "shared_experts": False,
+                                           "non_expert_modules": False}
     assert esft(["select", "--scores", str(tmp_path), "--score-function", "gate", "--experts-per-layer", "1",
                  "--train-shared-experts", "--out", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text()) == {"experts": {"1": [3], "2": [0]}, "shared_experts": True, "non_expert_modules": False}
@@ -129,7 +130,8 @@ def test_malformed_summaries_are_rejected(tmp_path):
         load_layer_scores(empty, "token")
 
 
-@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), ("high", "'high'"), (-0.1, "-0.1"), (None, "None"), (True, "True")])
+@pytest.mark.parametrize("value, shown",
+                         [(float("nan"), "nan"), ("high", "'high'"), (-0.1, "-0.1"), (None, "None"), (True, "True")])
 def test_summary_scores_must_be_finite_non_negative_numbers(tmp_path, capsys, value, shown):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"token_scores": {"1": {"0": 0.5, "1": value}}}))  # NaN is written as NaN

@@ -88,7 +88,7 @@ def test_esft_learns_and_touches_only_the_selected_experts(assets, uninterrupted
     assert metrics["optimizer_state_bytes"] >= 2 * 4 * metrics["trainable_parameters"]  # exp_avg + exp_avg_sq, fp32
 
     keys = set(adapter_tensors(out / "adapter"))
-    expected = {f"model.layers.{l}.mlp.experts.{e}.{p}.weight" for l, ids in EXPERTS.items() for e in ids
+    expected = {f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for layer, ids in EXPERTS.items() for e in ids
                 for p in ("gate_proj", "up_proj", "down_proj")}
     assert keys == expected
 

@@ -112,7 +112,8 @@ def test_trainable_parameters_are_exactly_the_selected_rows(family):
     summary = apply_expert_config(model, config)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert all(".experts.esft_" in name for name in trainable)
-    expert_params = sum(p.numel() for layer in moe_layers(model) for n, p in layer.experts.named_parameters() if not n.startswith("esft_"))
+    expert_params = sum(p.numel() for layer in moe_layers(model) for n, p in layer.experts.named_parameters()
+                        if not n.startswith("esft_"))
     routed = sum(num_experts(layer) for layer in moe_layers(model))
     assert summary.trainable_parameters == expert_params * config.num_selected // routed
     for layer in moe_layers(model)[1:]:

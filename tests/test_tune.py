@@ -54,7 +54,8 @@ def sweep_yaml(assets: Path, run_dir: Path, **extra) -> Path:
         "eval": {"metric": ["numeric"], "max_new_tokens": 6, "batch_size": 20},
         # 2 x 2: token / gate ranking x a budget of 1 or all 16 experts; "all 16" is the same selection
         # for both score functions, so the fourth trial must reuse the second one's result.
-        "search": {"token_top_p": [], "gate_top_p": [], "experts_per_layer": [1, 16], "budget_score_functions": ["token", "gate"]},
+        "search": {"token_top_p": [], "gate_top_p": [], "experts_per_layer": [1, 16],
+                   "budget_score_functions": ["token", "gate"]},
         "register": {"model_name": "tune-test"}, **extra,
     }
     path = run_dir.parent / f"{run_dir.name}.yaml"
@@ -68,7 +69,8 @@ def mlflow_runs(run_dir: Path):
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("esft-sweeps")
     runs = client.search_runs([experiment.experiment_id])
-    return client, [r for r in runs if r.data.tags.get("esft.kind") == "sweep"], [r for r in runs if r.data.tags.get("esft.kind") == "trial"]
+    return (client, [r for r in runs if r.data.tags.get("esft.kind") == "sweep"],
+            [r for r in runs if r.data.tags.get("esft.kind") == "trial"])
 
 
 def kill_driver_after(config_file: Path, run_dir: Path, env: dict, completed_trials: int) -> dict:
@@ -159,7 +161,8 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
         assert run.info.status == "FINISHED"
         assert {"score_function", "experts_per_layer", "selected_experts", "trainable_parameters", "method", "base_model",
                 "data_hash"} <= set(run.data.params)
-        assert {"numeric", "general_loss", "valid_loss", "tokens_per_second", "train_seconds", "objective"} <= set(run.data.metrics)
+        assert {"numeric", "general_loss", "valid_loss", "tokens_per_second", "train_seconds",
+                "objective"} <= set(run.data.metrics)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]  # per-step curve
         assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_loss")] == [2, 4]  # at each evaluation
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -221,7 +224,8 @@ def test_sweep_config_errors_are_clear(assets, tmp_path):
         config.pop("search")
         bad.write_text(yaml.safe_dump(config))
         assert esft(["tune", "--config", str(bad)]) == 2, searcher
-    for scheduler in ({"metric": "numeric"}, {"reduction_factor": 1}, {"grace_period": 0}, {"algorithm": "pbt"}, {"metric": "objective"}):
+    for scheduler in ({"metric": "numeric"}, {"reduction_factor": 1}, {"grace_period": 0}, {"algorithm": "pbt"},
+                      {"metric": "objective"}):
         assert esft(["tune", "--config", str(sweep_yaml(assets, tmp_path / "scheduler", scheduler=scheduler))]) == 2, scheduler
     late = sweep_yaml(assets, tmp_path / "late", scheduler={"grace_period": 4})  # train.steps is 4: nothing could be stopped
     assert esft(["tune", "--config", str(late)]) == 2
@@ -259,7 +263,8 @@ def test_optuna_proposals_stay_inside_the_declared_ranges():
             searcher = make_searcher(config, mode="max", history=optuna_history(journal))
             recorded = searcher._ot_study.trials
             assert [t.state.name for t in recorded] == [t.state.name for t in before]
-            assert [t.params for t in recorded] == [t.params for t in before] and [t.value for t in recorded] == [t.value for t in before]
+            assert ([t.params for t in recorded] == [t.params for t in before]
+                    and [t.value for t in recorded] == [t.value for t in before])
         proposal = searcher.suggest(str(index))
         selection = proposal["selection"]
         if "top_p" in selection:
