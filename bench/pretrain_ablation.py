@@ -23,7 +23,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
-from esft.pretrain import GATES, PRESETS, pretrain, refresh_model_card  # noqa: E402
+from esft.pretrain import EXTRA_RAW_TEXT, GATES, PRESETS, pretrain, refresh_model_card  # noqa: E402
 
 VARIANTS = (("batch", 0.0001), ("batch", 0.001), ("batch", 0.01), ("sequence", 0.001))
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
@@ -32,7 +32,20 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
 def row_key(row: dict) -> tuple:
     recipe = row["recipe"]
     return (recipe["balance_scope"], recipe.get("balance_window") if recipe["balance_scope"] == "global" else None,
-            recipe["balance_loss_coef"], recipe["steps"], row.get("data_tokens"))
+            recipe["balance_loss_coef"], recipe.get("balance_decay_start", 1.0), recipe["steps"], row.get("data_tokens"))
+
+
+def variant_name(row: dict) -> str:
+    """A row's knobs in one unique name, e.g. batch-0.005-decay0.5-phrasebook+digest-600of2400."""
+    recipe = row["recipe"]
+    parts = [recipe["balance_scope"], str(recipe["balance_loss_coef"])]
+    if recipe.get("balance_decay_start", 1.0) < 1:
+        parts.append(f"decay{recipe['balance_decay_start']}")
+    extra = "+".join(name for key, name in EXTRA_RAW_TEXT if recipe.get(key))
+    parts += [extra] if extra else []
+    length = row.get("of_steps", recipe["steps"])
+    parts.append(f"{recipe['steps']}" if length == recipe["steps"] else f"{recipe['steps']}of{length}")
+    return "-".join(parts)
 
 
 def merge_rows(rows: list[dict], new: list[dict]) -> list[dict]:
@@ -84,8 +97,7 @@ def main() -> int:
     RESULTS.write_text(json.dumps(rows, indent=1))
     if args.card:
         refresh_model_card(Path(args.card), rows)
-    summary = {f"{r['recipe']['balance_scope']}-{r['recipe']['balance_loss_coef']}-{r['recipe']['steps']}":
-               {key: r["figures"][key] for _, key, *_ in GATES} for r in rows}
+    summary = {variant_name(r): {key: r["figures"][key] for _, key, *_ in GATES} for r in rows}
     print(json.dumps({"ratios": {f"{name}:{key}": value for name, figures in summary.items() for key, value in figures.items()},
                       "raw": rows, "config": {"steps": args.steps, "variants": [f"{s}:{c}" for s, c in variants]}}))
     return 0
