@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from esft.io import atomic_directory, atomic_write_text
-from esft.training import PAPER_GRAD_CLIP, PAPER_LR
+from esft.training import PAPER_BETAS, PAPER_GRAD_CLIP, PAPER_LR
 from pipeline.cluster import check_visible_from_every_node, ensure_ray, largest_node_cpus
 from pipeline.config import ConfigError, absolute_local_paths
 from pipeline.deepspeed_config import load_deepspeed_config
@@ -373,6 +373,17 @@ def _rows(rows: np.ndarray, index: int, batch_size: int, device) -> dict:
     return {"input_ids": tensor[:, 0], "labels": tensor[:, 1], "attention_mask": tensor[:, 2]}
 
 
+def _without_shared_memory_all_reduce() -> None:
+    """CPU workers all-reduce through torch.distributed (gloo), not DeepSpeed's shared-memory op.
+    That op is compiled on first use (minutes on a 2-core machine, a C++ compiler required), and a
+    compile interrupted once (Ctrl-C, a killed worker) leaves torch's build lock behind, on which
+    every later run then waits forever without a word."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False  # DeepSpeed's own "not available here"
+
+
 def _build_engine(config: TrainConfig):
     import deepspeed
     import torch
@@ -390,7 +401,9 @@ def _build_engine(config: TrainConfig):
         make_experts_zero3_leaves(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=PAPER_BETAS, weight_decay=config.weight_decay)
+    if not config.use_gpu:
+        _without_shared_memory_all_reduce()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config)
     use_safe_loading(engine)  # checkpoints are data: never unpickle code from the run directory
     return engine, trainable
