@@ -52,7 +52,6 @@ RUN_NAME = "train"
 # Rank 0 appends its step lines here and the driver echoes them: Ray keeps workers' output off the
 # driver's terminal (log_to_driver=False, which also keeps Ray's own chatter away).
 PROGRESS_FILE = "progress.log"
-FAULT_ENV = "ESFT_FAULT_INJECT"  # "STEP:RANK:MARKER_FILE": that rank exits once after STEP's checkpoint (recovery tests)
 
 
 @dataclass
@@ -306,10 +305,7 @@ def _export(checkpoint_dir: str, out: Path, config: TrainConfig, expert_config, 
 
 
 def _worker_env(config: TrainConfig) -> dict[str, str]:
-    env = {"DS_ACCELERATOR": "cuda" if config.use_gpu else "cpu"}
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
-    return env
+    return {"DS_ACCELERATOR": "cuda" if config.use_gpu else "cpu"}
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -361,7 +357,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step % config.save_every == 0 or step == config.steps:
             _save_and_report(engine, trainable, config, step, history, rank, world, device)
             last_time = time.perf_counter()
-        _maybe_inject_fault(step, rank)
 
 
 def _rows(rows: np.ndarray, index: int, batch_size: int, device) -> dict:
@@ -578,15 +573,3 @@ def _restore(engine, config: TrainConfig) -> tuple[int, list[dict]]:
         raise RuntimeError(f"no DeepSpeed state in checkpoint {checkpoint.path}")
     print(f"[esft train] resumed from step {client_state['step']} ({checkpoint.path})", flush=True)
     return int(client_state["step"]), list(client_state["history"])
-
-
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Recovery testing: a worker dies once, right after a given step (see FAULT_ENV)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    fault_step, fault_rank, marker = spec.split(":", 2)
-    if step == int(fault_step) and rank == int(fault_rank) and not os.path.exists(marker):
-        Path(marker).write_text("injected")
-        time.sleep(3)  # let the controller register this step's checkpoint before the worker dies
-        os._exit(1)

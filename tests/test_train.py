@@ -19,7 +19,7 @@ from esft.trainable import merge_adapter
 from pipeline.config import ConfigError
 from pipeline.deepspeed_config import PRESETS, preset
 from esft import synthetic
-from pipeline.train import FAULT_ENV, PROGRESS_FILE, TrainConfig, echo_progress, run_train
+from pipeline.train import PROGRESS_FILE, TrainConfig, echo_progress, run_train
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]  # Ray Train runs
@@ -98,8 +98,11 @@ def test_esft_learns_and_touches_only_the_selected_experts(assets, uninterrupted
 
 
 def test_a_dead_worker_is_replaced_and_the_result_is_bitwise_identical(assets, uninterrupted, tmp_path, monkeypatch):
-    marker = tmp_path / "fault-injected"
-    monkeypatch.setenv(FAULT_ENV, f"4:1:{marker}")  # rank 1 dies right after the step-4 checkpoint
+    import pipeline.train
+    from tests.faults import loop_dying_once_after
+
+    marker = tmp_path / "fault-injected"  # rank 1 dies right after the step-4 checkpoint
+    monkeypatch.setattr(pipeline.train, "train_loop_per_worker", loop_dying_once_after(4, 1, marker))
     out = tmp_path / "faulty"
     run_train(config(assets, out))
     assert marker.exists(), "the fault was never injected"

@@ -185,18 +185,23 @@ def test_a_failing_trial_is_marked_failed_in_mlflow(assets, tmp_path, fresh_ray,
     import ray
 
     from pipeline.config import build_config, read_yaml
-    from pipeline.train import FAULT_ENV
     from pipeline.tune import SweepConfig, run_sweep
+    from pipeline.train import PROGRESS_FILE
+    from tests.faults import kill_a_train_worker_when
 
-    # A Train worker dies after its step-2 report and the trial allows no restart: the trial fails.
-    monkeypatch.setenv(FAULT_ENV, f"2:0:{tmp_path / 'fault-marker'}")
+    # A Train worker is killed once training has begun and the trial allows no restart: the trial fails.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ray.init(num_cpus=2, include_dashboard=False)
     run_dir = tmp_path / "failing"
     config = build_config(SweepConfig, read_yaml(sweep_yaml(assets, run_dir)), {})
     config.search = {"token_top_p": [0.5], "gate_top_p": []}
     config.train.update(max_failures=0, save_every=2)
-    summary = run_sweep(config)
+    def training_has_begun() -> bool:
+        return any(p.read_text().strip() for p in run_dir.rglob(PROGRESS_FILE))
+
+    with kill_a_train_worker_when(training_has_begun) as killed:
+        summary = run_sweep(config)
+    assert len(killed) == 1
     assert summary["best"] is None and summary["registered"] is None
     assert summary["rows"][0]["status"].startswith("failed")
     _, parents, trials = mlflow_runs(run_dir)
