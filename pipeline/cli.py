@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -380,9 +381,33 @@ def build_parser() -> argparse.ArgumentParser:
 PATH_ERRORS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+# Libraries' notices that are not about the user's run: kept out of the terminal unless -v (their
+# warnings and errors still show). Each stage prints its own progress instead.
+QUIET_LOGGERS = (
+    "ray.data._internal.progress",  # "Progress bars disabled": we disable them on purpose
+    "ray._private.authentication.authentication_token_setup",  # Ray's notice that its default token auth is on
+)
+QUIET_ENVIRONMENT = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables", "Validating input example ..."
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a progress bar per artifact download
+}
+
+
+def quiet_library_notices(verbose: bool) -> None:
+    """Without -v: the QUIET_LOGGERS show only errors and MLflow only warnings (settings the user
+    exported win)."""
+    if verbose:
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for variable, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(variable, value)  # read when MLflow is imported, later and lazily
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    quiet_library_notices(args.verbose)
     try:
         return args.func(args)
     # Input errors are EsftError (esft/errors.py: ConfigError, DataError, AdapterError, OutputError,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 import math
 import random
 from collections.abc import Iterator
@@ -214,26 +215,30 @@ def packed_dataset(source: Source, *, tokenizer: str, trust_remote_code: bool, t
     pack a source. Blocks are packed whole, so packing never depends on how many replicas run;
     each comes out in chunks of whole batches (`batch_size` rows each), so the replicas' batches
     are the same rows whatever the chunking."""
-    return (
-        read_source(source)
-        .randomize_block_order(seed=seed)
-        .map_batches(
-            pack_block,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_kwargs=dict(
-                kind=source.kind, where=source.spec, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-                template=template, seq_len=seq_len, seed=seed, max_tokens=max_tokens, loss_tokens_only=loss_tokens_only,
-                chunk_rows=batch_size * max(1, CHUNK_ROWS // batch_size),
-            ),
-            # Packing runs in its own tasks, on the CPU left for reading: it overlaps the replicas'
-            # start-up and compute, and its chunks go to whichever replica is free. Ray Data would
-            # otherwise fuse it into the replicas' actors whenever their CPU requests match (one
-            # CPU each), packing in series with compute, a whole read block on one replica. A
-            # remote-args function is what keeps an operator out of fusion.
-            ray_remote_args_fn=_packing_task_args,
+    with warnings.catch_warnings():
+        # `ray_remote_args_fn` is deprecated since Ray 2.60 (to be removed in 2.64; the project pins
+        # <2.61) and is still Ray Data's only public way to keep an operator out of fusion.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        return (
+            read_source(source)
+            .randomize_block_order(seed=seed)
+            .map_batches(
+                pack_block,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_kwargs=dict(
+                    kind=source.kind, where=source.spec, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                    template=template, seq_len=seq_len, seed=seed, max_tokens=max_tokens, loss_tokens_only=loss_tokens_only,
+                    chunk_rows=batch_size * max(1, CHUNK_ROWS // batch_size),
+                ),
+                # Packing runs in its own tasks, on the CPU left for reading: it overlaps the replicas'
+                # start-up and compute, and its chunks go to whichever replica is free. Ray Data would
+                # otherwise fuse it into the replicas' actors whenever their CPU requests match (one
+                # CPU each), packing in series with compute, a whole read block on one replica. A
+                # remote-args function is what keeps an operator out of fusion.
+                ray_remote_args_fn=_packing_task_args,
+            )
         )
-    )
 
 
 def _packing_task_args() -> dict:

@@ -456,3 +456,22 @@ def test_an_empty_section_is_an_empty_mapping():
 
     config = build_config(PipelineConfig, yaml.safe_load("profile:\nselect:\n  score_function: gate\n  top_p: 0.1\n"), {})
     assert config.profile == {} and config.selection().top_p == 0.1
+
+
+# --- libraries' notices kept off the terminal unless -v ------------------------------------------
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_notices_are_quiet_unless_verbose(monkeypatch, verbose):
+    import logging
+
+    from pipeline.cli import QUIET_ENVIRONMENT, QUIET_LOGGERS, quiet_library_notices
+
+    for name in QUIET_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    for variable in QUIET_ENVIRONMENT:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "DEBUG")  # what the user exported wins
+    quiet_library_notices(verbose)
+    assert all((logging.getLogger(name).level == logging.ERROR) != verbose for name in QUIET_LOGGERS)
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "DEBUG"
+    assert ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" in os.environ) != verbose
