@@ -468,8 +468,9 @@ def test_library_notices_are_quiet_unless_verbose(monkeypatch, verbose):
 
     for name in QUIET_LOGGERS:
         monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
-    for variable in QUIET_ENVIRONMENT:
-        monkeypatch.delenv(variable, raising=False)
+    for variable in QUIET_ENVIRONMENT:  # absent during the test, as they were before it afterwards
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
     monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "DEBUG")  # what the user exported wins
     quiet_library_notices(verbose)
     assert all((logging.getLogger(name).level == logging.ERROR) != verbose for name in QUIET_LOGGERS)
