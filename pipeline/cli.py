@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from esft.errors import EsftError
@@ -214,7 +215,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esft", description="Expert-Specialized Fine-Tuning for MoE LLMs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, libraries' notices, and the traceback behind an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="print a MoE model's structure (no weights are loaded)")
@@ -415,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     # path. Everything else, a plain ValueError from numpy or torch included, is a bug or an
     # environment failure and keeps its traceback.
     except (EsftError, *PATH_ERRORS) as error:
+        if args.verbose:  # where in the code the input was refused
+            traceback.print_exc()
         print(f"esft: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outputs are written atomically, so a rerun starts clean

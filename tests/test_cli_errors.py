@@ -476,3 +476,14 @@ def test_library_notices_are_quiet_unless_verbose(monkeypatch, verbose):
     assert all((logging.getLogger(name).level == logging.ERROR) != verbose for name in QUIET_LOGGERS)
     assert os.environ["MLFLOW_LOGGING_LEVEL"] == "DEBUG"
     assert ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" in os.environ) != verbose
+
+
+def test_verbose_shows_the_traceback_behind_an_error(tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "train": {"steps": "forty"}}))
+    assert esft(["-v", "run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ConfigError" in err
+    assert err.strip().splitlines()[-1] == f"esft: error: {config}: train: steps must be an integer, got 'forty'"
