@@ -36,11 +36,11 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from esft import synthetic  # noqa: E402
+from esft.demo import synthetic  # noqa: E402
 from esft.data import PROMPT_ASSISTANT, PROMPT_USER  # noqa: E402
 from esft.io import atomic_write_text  # noqa: E402
 from esft.metrics import CORPUS, PER_SAMPLE, clean_prediction  # noqa: E402
-from esft.pretrain import ASSET_DIR, MAX_NEW_TOKENS, domain_batches  # noqa: E402
+from esft.demo.pretrain import ASSET_DIR, MAX_NEW_TOKENS, domain_batches  # noqa: E402
 from esft.report import selection_jaccard  # noqa: E402
 from esft.scores import SCORES_FILENAME, ExpertScores  # noqa: E402
 from esft.select import ExpertConfig, load_layer_scores, select_experts  # noqa: E402

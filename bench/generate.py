@@ -31,7 +31,7 @@ from dataclasses import asdict  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from esft import synthetic  # noqa: E402
+from esft.demo import synthetic  # noqa: E402
 from esft.tiny import save_shaped_model  # noqa: E402
 from pipeline.evaluate import EvalConfig, Generator, read_eval_rows, run_eval  # noqa: E402
 

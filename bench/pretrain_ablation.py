@@ -1,11 +1,11 @@
 """The routing knobs of mini-moe's pretraining, side by side: balance-loss coefficient and scope
 (batch vs sequence), each a shorter run of the same recipe on the same data, measured by the
-same gates as the shipped model (esft.pretrain.measure_specialisation).
+same gates as the shipped model (esft.demo.pretrain.measure_specialisation).
 
     python bench/pretrain_ablation.py --preset mini-moe --steps 400 --out runs/pretrain_ablation
 
 Writes one model directory per variant under --out and bench/results/pretrain_ablation.json, whose
-rows go into the model card (`--card esft/assets/mini-moe`, or `esft pretrain --ablation FILE`).
+rows go into the model card (`--card esft/demo/assets/mini-moe`, or `esft pretrain --ablation FILE`).
 `--from-report DIR ...` adds the rows of full `esft pretrain` runs instead (their final weights and
 every step measured along the way), without training anything. Prints one JSON object last.
 """
@@ -23,7 +23,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
-from esft.pretrain import EXTRA_RAW_TEXT, GATES, PRESETS, pretrain, refresh_model_card  # noqa: E402
+from esft.demo.pretrain import EXTRA_RAW_TEXT, GATES, PRESETS, pretrain, refresh_model_card  # noqa: E402
 
 VARIANTS = (("batch", 0.0001), ("batch", 0.001), ("batch", 0.01), ("sequence", 0.001))
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"

@@ -42,7 +42,7 @@ from esft.families import moe_layers  # noqa: E402
 from esft.routing import routing_hooks  # noqa: E402
 from esft.tiny import save_shaped_model  # noqa: E402
 from pipeline.profile import ProfileConfig, run_profile  # noqa: E402
-from esft import synthetic  # noqa: E402
+from esft.demo import synthetic  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "profile_model.json"
 

@@ -2,10 +2,10 @@
 task-specific experts, held-out tasks learnable but not yet aligned), measured on any model
 directory built by `esft pretrain`, beside DeepSeek-V2-Lite's own figures.
 
-    python bench/specialisation.py [--model esft/assets/mini-moe]
+    python bench/specialisation.py [--model esft/demo/assets/mini-moe]
 
 Prints the gates table and, last, one JSON object ({"ratios", "raw", "config"}) whose raw part
-says which gates passed. The recipe writes the same measurement into the model card (esft.pretrain.model_card).
+says which gates passed. The recipe writes the same measurement into the model card (esft.demo.pretrain.model_card).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from esft.pretrain import ASSET_DIR, GATES, measure_specialisation  # noqa: E402
+from esft.demo.pretrain import ASSET_DIR, GATES, measure_specialisation  # noqa: E402
 
 
 def main() -> int:

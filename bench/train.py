@@ -40,7 +40,7 @@ from esft.families import fused_expert_params, moe_layers  # noqa: E402
 from esft.scores import empty_scores_for, layer_score_dict, profile_batch  # noqa: E402
 from esft.select import select_experts  # noqa: E402
 from esft.tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from esft import synthetic  # noqa: E402
+from esft.demo import synthetic  # noqa: E402
 from pipeline.train import EXPORT_DIR, TrainConfig, run_train  # noqa: E402
 
 LARGE = dict(hidden_size=384, moe_intermediate_size=512, n_routed_experts=32, num_experts_per_tok=4,

@@ -170,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from esft.pretrain import ASSET_DIR, PRESETS, pretrain
+    from esft.demo.pretrain import ASSET_DIR, PRESETS, pretrain
 
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
                 "balance_scope": args.balance_scope, "balance_window": args.balance_window,
@@ -195,7 +195,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from esft.io import atomic_directory
-    from esft.synthetic import write_corpus
+    from esft.demo.synthetic import write_corpus
 
     check_output(args.out, directory=True, overwrite=args.overwrite)
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:  # the corpus appears whole or not at all
@@ -206,7 +206,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from pipeline.quickstart import run_quickstart
+    from esft.demo.quickstart import run_quickstart
 
     check_output(args.out, directory=True, overwrite=args.overwrite)
     run_quickstart(Path(args.out), steps=args.steps, overwrite=args.overwrite)
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("pretrain", help="the recipe of the embedded mini-moe: tokenizer + MoE pretraining on generated data")
-    p.add_argument("--out", help="model directory (default: the package's esft/assets/mini-moe)")
+    p.add_argument("--out", help="model directory (default: the package's esft/demo/assets/mini-moe)")
     p.add_argument("--preset", default="mini-moe", choices=["mini-moe", "mini-moe-v1"],
                    help="mini-moe: the shipped model's recipe (default); "
                         "mini-moe-v1: the first embedded model (32 experts, template data only)")

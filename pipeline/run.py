@@ -149,7 +149,7 @@ def stage(run_dir: Path, name: str, inputs: dict, work: Callable[[], object]) ->
 
 def embedded_inputs(out: Path) -> dict:
     """Where `prepare_embedded(out)` puts the embedded default's model and data."""
-    from esft.pretrain import ASSET_DIR
+    from esft.demo.pretrain import ASSET_DIR
 
     data = out / "data"
     return {"model": str(ASSET_DIR), "train_data": str(data / "train.jsonl"), "eval_data": str(data / "eval.jsonl"),
@@ -160,8 +160,8 @@ def prepare_embedded(out: Path) -> dict:
     """The embedded default: mini-moe (shipped inside the package) and the math task its
     pretraining held out (train / eval), plus general-domain rows for forgetting, generated from
     fixed seeds."""
-    from esft import synthetic
-    from esft.pretrain import ASSET_DIR
+    from esft.demo import synthetic
+    from esft.demo.pretrain import ASSET_DIR
 
     if not (ASSET_DIR / "model.safetensors").exists():
         raise ConfigError(f"the embedded model is missing at {ASSET_DIR}; "
@@ -198,8 +198,8 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
     run.mkdir(parents=True, exist_ok=True)
     if config.model == EMBEDDED:
         # Regenerated when the package's model or corpus generator changes (an upgrade).
-        from esft import synthetic
-        from esft.pretrain import ASSET_DIR
+        from esft.demo import synthetic
+        from esft.demo.pretrain import ASSET_DIR
 
         embedded = {"embedded": "mini-moe", "model": model_fingerprint(str(ASSET_DIR)),
                     "generator": content_hash(synthetic.__file__)}

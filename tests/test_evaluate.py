@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from esft import synthetic
+from esft.demo import synthetic
 from esft.adapter import load_adapter, save_adapter
 from esft.data import DataError
 from esft.families import moe_layers

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from esft import synthetic
+from esft.demo import synthetic
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

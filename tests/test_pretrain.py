@@ -1,4 +1,4 @@
-"""The mini-moe recipe (esft.pretrain) and the shipped embedded model: the balance loss's two
+"""The mini-moe recipe (esft.demo.pretrain) and the shipped embedded model: the balance loss's two
 scopes against hand-computed values, the gates' bounds, a tiny end-to-end run of the v2 design
 (deterministic, a standard Hugging Face directory, a model card with its gates), and the shipped
 weights built by the default recipe."""
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from esft.pretrain import (
+from esft.demo.pretrain import (
     ASSET_DIR,
     PRESETS,
     PretrainRecipe,
@@ -69,7 +69,7 @@ def test_a_global_window_of_one_batch_is_batch_balance():
     # exactly as batch-level balance does (same losses and balance values, step by step).
     from transformers import AutoModelForCausalLM
 
-    from esft.pretrain import train
+    from esft.demo.pretrain import train
 
     def history(scope: str) -> list[tuple[float, float]]:
         recipe = PretrainRecipe(steps=3, batch_rows=2, seq_len=16, balance_scope=scope, balance_window=1, log_every=1,
@@ -84,7 +84,7 @@ def test_a_global_window_of_one_batch_is_batch_balance():
 
 
 def test_balance_coefficient_is_constant_then_decays_linearly_to_zero():
-    from esft.pretrain import balance_coefficient
+    from esft.demo.pretrain import balance_coefficient
 
     constant = PretrainRecipe(steps=100, balance_loss_coef=0.004)
     assert [balance_coefficient(s, constant) for s in (1, 50, 100)] == [0.004, 0.004, 0.004]
@@ -176,7 +176,7 @@ def test_the_shipped_design_has_deepseek_v2_lite_proportions():
 def test_the_card_tabulates_only_ablation_runs_of_the_same_recipe():
     """Rows with the recipe's architecture and data mix are tabulated (balance knob, where a run was
     measured, extra raw text); a run on another data mix is left out, however good its figures."""
-    from esft.pretrain import model_card
+    from esft.demo.pretrain import model_card
 
     report = json.loads((ASSET_DIR / "pretrain_report.json").read_text())
     figures = report["specialisation"]["figures"]

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.data import pack_block
 from pipeline.profile import ProfileConfig, run_profile
-from esft import synthetic
+from esft.demo import synthetic
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("local_ray")

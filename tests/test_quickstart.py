@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from esft.numerics import forward_tolerance
-from esft.pretrain import ASSET_DIR
+from esft.demo.pretrain import ASSET_DIR
 from esft.select import load_expert_config
 from pipeline.cli import main as esft
 
@@ -45,7 +45,7 @@ def test_merge_check_accepts_rounding_and_refuses_a_real_difference(batch):
     import pytest
 
     from esft.tiny import tiny_model
-    from pipeline.quickstart import _check_merged
+    from esft.demo.quickstart import _check_merged
 
     input_ids, _ = batch
     trained = tiny_model("deepseek_v2")

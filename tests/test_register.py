@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from esft import synthetic
+from esft.demo import synthetic
 from esft.adapter import save_adapter
 from esft.families import moe_layers
 from esft.select import ExpertConfig

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from esft import synthetic
+from esft.demo import synthetic
 from esft.metrics import score
-from esft.synthetic import (
+from esft.demo.synthetic import (
     GENERAL,
     HELD_OUT_TASKS,
     INTENTS,
@@ -58,7 +58,7 @@ def test_rows_are_identical_in_another_process():
     # registers `esft` as a bare namespace so that importing the generator skips esft/__init__ (and
     # torch): it needs only the standard library, and the test stays fast.
     program = ("import json, sys, types; package = types.ModuleType('esft'); package.__path__ = [sys.argv[1]]; "
-               "sys.modules['esft'] = package; from esft.synthetic import rows; "
+               "sys.modules['esft'] = package; from esft.demo.synthetic import rows; "
                "print(json.dumps({d + s: rows(d, 40, seed=3, split=s) for d in sys.argv[2:] "
                "for s in ('train', 'eval')})); "
                "assert 'torch' not in sys.modules")

@@ -18,7 +18,7 @@ from esft.select import ExpertConfig
 from esft.trainable import merge_adapter
 from pipeline.config import ConfigError
 from pipeline.deepspeed_config import PRESETS, preset
-from esft import synthetic
+from esft.demo import synthetic
 from pipeline.train import PROGRESS_FILE, TrainConfig, echo_progress, run_train
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 

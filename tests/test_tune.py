@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from esft import synthetic
+from esft.demo import synthetic
 from esft.trainable import merge_adapter
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 

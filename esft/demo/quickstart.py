@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from esft import synthetic
+from esft.demo import synthetic
 from esft.adapter import adapter_summary, load_adapter, save_adapter
 from esft.data import collate_rows, pack_samples, read_conversations, tokenize_conversations
 from esft.io import atomic_directory, atomic_write_text
 from esft.numerics import Tolerance, forward_tolerance
-from esft.pretrain import ASSET_DIR
+from esft.demo.pretrain import ASSET_DIR
 from esft.scores import SCORES_FILENAME, SUMMARY_FILENAME, empty_scores_for, profile_batch
 from esft.select import CONFIG_FILENAME, load_layer_scores, select_experts
 from esft.trainable import apply_expert_config, merge_adapter

@@ -1,6 +1,6 @@
 """The recipe that builds the project's small pretrained MoE, `mini-moe` (the embedded default):
 
-    esft pretrain --out esft/assets/mini-moe                       # the shipped model (~40 min on 2 CPU cores)
+    esft pretrain --out esft/demo/assets/mini-moe                       # the shipped model (~40 min on 2 CPU cores)
     esft pretrain --preset mini-moe-v1 --out runs/mini-moe-v1      # the first embedded model, for comparison
 
 `PRESETS["mini-moe"]` (the defaults of `PretrainRecipe`) is the shipped model, in DeepSeek-V2-Lite's
@@ -8,7 +8,7 @@ proportions: a DeepSeek-V2 model (one dense first layer, then 6 MoE layers of 64
 routed experts, top-6, two shared experts, MLA attention) with a byte-level BPE tokenizer trained
 on everything it reads. It is pretrained from scratch on the generated general mixture, the
 aligned tasks intent, law and summary in the User/Assistant template, and raw, unaligned text of
-every task domain (`esft.synthetic.raw_documents`: worked sums and solutions, REPL sessions and
+every task domain (`esft.demo.synthetic.raw_documents`: worked sums and solutions, REPL sessions and
 program listings, a Veltish glossary and reader, request logs, law reports, news), one domain per
 block. The held-out tasks (math, code, translation) are held out of the instruction format only,
 as in the paper: the model has their skill, not their alignment.
@@ -50,7 +50,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from esft import synthetic
+from esft.demo import synthetic
 from esft.data import (
     PROMPT_ASSISTANT,
     PROMPT_USER,
@@ -95,7 +95,7 @@ class PretrainRecipe:
     # data
     general_rows: int = 45000
     task_rows: int = 20000  # per aligned task, in the instruction template
-    raw_documents: int = 5000  # per aligned task domain, raw unaligned text (esft.synthetic.raw_documents)
+    raw_documents: int = 5000  # per aligned task domain, raw unaligned text (esft.demo.synthetic.raw_documents)
     # per held-out task domain: where its skill comes from (more text, more experts of its own)
     held_out_raw_documents: int = 15000
     domain_blocks: bool = True  # one domain per pretraining block (as a window of a long document) or a mixed stream
@@ -393,7 +393,7 @@ def answer_losses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, se
 
 
 def task_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, rows: int) -> dict[str, float]:
-    """Each task's own metric (esft.synthetic.METRIC, in [0, 1]) from greedy answers to `rows` eval
+    """Each task's own metric (esft.demo.synthetic.METRIC, in [0, 1]) from greedy answers to `rows` eval
     prompts in the instruction template."""
     results = {}
     for task in synthetic.TASKS:
@@ -524,7 +524,7 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
     lines = [
         f"# {MODEL_NAME}", "",
         ("A small DeepSeek-V2-architecture MoE pretrained by the ESFT project's recipe "
-         "(`esft pretrain`, module `esft/pretrain.py`) on generated data (`esft/synthetic.py`). "
+         "(`esft pretrain`, module `esft/demo/pretrain.py`) on generated data (`esft/demo/synthetic.py`). "
          "It exists so that ESFT's effects can be shown and tested on a CPU without downloads: its experts "
          "specialise by domain, as the paper's DeepSeek-V2-Lite's do."), "",
         "## Recipe", "",
