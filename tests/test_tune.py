@@ -394,3 +394,21 @@ def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_r
     assert not any(r["status"].startswith(("failed", "interrupted")) for r in rows)
     _, parents, trials = mlflow_runs(run_dir)
     assert len(parents) == 1 and sorted(t.data.tags["esft.trial_id"] for t in trials) == sorted(r["trial_id"] for r in rows)
+
+
+def test_a_sweep_resumes_only_on_the_same_settings_and_the_same_data(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.tune import _sweep_state
+
+    state, journal = _sweep_state(tmp_path, "settings-a", "data-a", restart=False)  # a new sweep
+    assert state == {"fingerprint": "settings-a", "inputs": "data-a"} and journal == {}
+    (tmp_path / "sweep.json").write_text(json.dumps({**state, "parent_run_id": "r1"}))
+    assert _sweep_state(tmp_path, "settings-a", "data-a", restart=False)[0]["parent_run_id"] == "r1"  # resumed
+    with pytest.raises(ConfigError, match="other settings"):
+        _sweep_state(tmp_path, "settings-b", "data-a", restart=False)
+    with pytest.raises(ConfigError, match="other data"):  # the same config, train.jsonl regenerated in place
+        _sweep_state(tmp_path, "settings-a", "data-b", restart=False)
+    assert _sweep_state(tmp_path, "settings-a", "data-b", restart=True)[0] == {"fingerprint": "settings-a", "inputs": "data-b"}
+    # a sweep started before its inputs were recorded resumes on its settings alone
+    (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "settings-a", "parent_run_id": "r0"}))
+    assert _sweep_state(tmp_path, "settings-a", "data-c", restart=False)[0]["parent_run_id"] == "r0"
