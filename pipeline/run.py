@@ -129,11 +129,11 @@ def stage_key(settings: dict) -> str:
                         models=[k for k in STAGE_MODELS if k in settings]))
 
 
-def stage(run_dir: Path, name: str, inputs: dict, work: Callable[[], object]) -> dict:
-    """Run `work` unless this stage already completed with the same inputs (`stage_key`); returns
-    its record."""
+def stage(run_dir: Path, name: str, key: str, work: Callable[[], object]) -> dict:
+    """Run `work` unless this stage already completed with the same inputs (`key`, from
+    `stage_key`: computed once by the caller, since it reads the stage's data files); returns its
+    record."""
     marker = run_dir / "stages" / f"{name}.json"
-    key = stage_key(inputs)
     if marker.exists():
         record = json.loads(marker.read_text())
         if record.get("inputs") == key:
@@ -203,12 +203,13 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
 
         embedded = {"embedded": "mini-moe", "model": model_fingerprint(str(ASSET_DIR)),
                     "generator": content_hash(synthetic.__file__)}
-        inputs = stage(run, "assets", embedded, lambda: prepare_embedded(run / "assets"))["result"]
+        inputs = stage(run, "assets", stage_key(embedded), lambda: prepare_embedded(run / "assets"))["result"]
     else:
         inputs = config.inputs(run)
     model = inputs["model"]
     profile_cfg, train_cfg, eval_cfg = config.stage_configs(model, inputs, run, source)
-    stage(run, "profile", asdict(profile_cfg), lambda: len(run_profile(profile_cfg)))
+    profile_key = stage_key(asdict(profile_cfg))
+    stage(run, "profile", profile_key, lambda: len(run_profile(profile_cfg)))
 
     expert_cfg = run / "select" / "expert_cfg.json"
 
@@ -218,29 +219,29 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
         chosen.save(expert_cfg)
         return chosen.num_selected
 
-    selected = stage(run, "select", {"profile": stage_key(asdict(profile_cfg)), **asdict(selection)}, select)["result"]
+    selected = stage(run, "select", stage_key({"profile": profile_key, **asdict(selection)}), select)["result"]
 
-    train_inputs = {"select": selected, **asdict(train_cfg), "resume": None}
+    train_key = stage_key({"select": selected, **asdict(train_cfg), "resume": None})
 
     def train() -> dict:
         # A run killed with the same inputs continues from its checkpoint; one started with other
         # inputs (another selection, other settings) is stale and starts over.
         started = run / "stages" / "train.started"
-        same = started.exists() and started.read_text() == stage_key(train_inputs)
+        same = started.exists() and started.read_text() == train_key
         if not same and (run / "train").exists():
             shutil.rmtree(run / "train")
         train_cfg.resume = same and (run / "train" / "ray").exists()
-        atomic_write_text(started, stage_key(train_inputs))
+        atomic_write_text(started, train_key)
         metrics = run_train(train_cfg)
         return {k: metrics[k] for k in ("final_valid_loss", "final_general_loss", "trainable_parameters", "wall_seconds")}
 
-    trained = stage(run, "train", train_inputs, train)["result"]
+    trained = stage(run, "train", train_key, train)["result"]
 
-    evaluated = stage(run, "eval", {"train": trained, **asdict(eval_cfg)},
+    evaluated = stage(run, "eval", stage_key({"train": trained, **asdict(eval_cfg)}),
                       lambda: {k: v for k, v in run_eval(eval_cfg).items() if isinstance(v, (int, float))})["result"]
     # The same evaluation of the base model, so the run shows what fine-tuning changed.
     baseline_cfg = replace(eval_cfg, adapter=None, out=str(run / "eval" / "baseline.json"))
-    baseline = stage(run, "baseline", asdict(baseline_cfg),
+    baseline = stage(run, "baseline", stage_key(asdict(baseline_cfg)),
                      lambda: {k: v for k, v in run_eval(baseline_cfg).items() if isinstance(v, (int, float))})["result"]
 
     register_cfg = {"model_name": config.name, "metric": eval_cfg.metric[0], **config.register}
@@ -262,7 +263,7 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
         )
         return asdict(registration)
 
-    registered = stage(run, "register", {"eval": evaluated, **register_cfg}, register)["result"]
+    registered = stage(run, "register", stage_key({"eval": evaluated, **register_cfg}), register)["result"]
     summary = {"run_dir": str(run), "selected_experts": selected, **trained, **evaluated, "baseline": baseline,
                "registered": registered}
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=1, default=str))

@@ -36,7 +36,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from esft.io import atomic_write_text
-from pipeline.cache_keys import content_hash, digest, keyed
+from pipeline.cache_keys import digest, keyed
 from pipeline.config import ConfigError, build_config
 from pipeline.sweep_journal import (
     JOURNAL,
@@ -729,7 +729,8 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     # there) and a trial stopped at it can be continued.
     train["eval_every"] = min(train["eval_every"], train["steps"])
     train["save_every"] = train["eval_every"]
-    inputs_key = digest(keyed(inputs, data=("train_data", "eval_data", "general_data"), models=("model",)))
+    hashed = keyed(inputs, data=("train_data", "eval_data", "general_data"), models=("model",))  # each file read once
+    inputs_key = digest(hashed)
     state, journal = _sweep_state(run, config.fingerprint(), inputs_key, restart)
     tune_config = _tune_config(config, train, mode, journal)  # settings errors before any work
     rerun = {e["trial_id"] for e in interrupted(journal)}  # they run again under new trial ids
@@ -740,7 +741,7 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     from esft.scores import SCORES_FILENAME, ExpertScores
 
     scores = ExpertScores.load(profile_dir / SCORES_FILENAME)
-    data_hash = digest([content_hash(inputs["train_data"]), content_hash(inputs["eval_data"])])
+    data_hash = digest([hashed["train_data"], hashed["eval_data"]])
     tracking_uri = config.register.get("tracking_uri") or default_tracking_uri(run)
     searched = ({"searcher": json.dumps(asdict(config.searcher_config()))} if config.searcher
                 else {"search": json.dumps(asdict(config.space()))})

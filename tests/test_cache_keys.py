@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from pipeline.cache_keys import content_hash, digest, keyed, model_fingerprint
-from pipeline.run import stage
+from pipeline.run import stage, stage_key
 
 
 def test_a_stage_reruns_when_its_data_file_is_regenerated_in_place(tmp_path):
@@ -22,15 +22,15 @@ def test_a_stage_reruns_when_its_data_file_is_regenerated_in_place(tmp_path):
         runs.append(1)
         return len(runs)
 
-    assert stage(tmp_path, "profile", settings, work)["result"] == 1
-    assert stage(tmp_path, "profile", settings, work)["result"] == 1  # unchanged: skipped
+    assert stage(tmp_path, "profile", stage_key(settings), work)["result"] == 1
+    assert stage(tmp_path, "profile", stage_key(settings), work)["result"] == 1  # unchanged: skipped
     data.write_text('{"row": 1}\n')  # the same bytes written again (a regenerated, identical corpus)
-    assert stage(tmp_path, "profile", settings, work)["result"] == 1
+    assert stage(tmp_path, "profile", stage_key(settings), work)["result"] == 1
     data.write_text('{"row": 2}\n')  # same path, other rows
-    assert stage(tmp_path, "profile", settings, work)["result"] == 2
+    assert stage(tmp_path, "profile", stage_key(settings), work)["result"] == 2
     (model / "model.safetensors").write_bytes(b"other weights")  # the model directory changed
-    assert stage(tmp_path, "profile", settings, work)["result"] == 3
-    assert stage(tmp_path, "profile", {**settings, "top_p": 0.3}, work)["result"] == 4  # a setting changed
+    assert stage(tmp_path, "profile", stage_key(settings), work)["result"] == 3
+    assert stage(tmp_path, "profile", stage_key({**settings, "top_p": 0.3}), work)["result"] == 4  # a setting changed
     assert len(runs) == 4
 
 
