@@ -29,16 +29,29 @@ VARIANTS = (("batch", 0.0001), ("batch", 0.001), ("batch", 0.01), ("sequence", 0
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
 
 
+def _architecture_knobs(recipe: dict) -> tuple:
+    """The router and attention knobs, with the defaults of rows written before they existed."""
+    return (recipe.get("architecture", "deepseek_v2"), recipe.get("bias_update_rate", 0.0),
+            recipe.get("attention_heads", 4), recipe.get("kv_lora_rank", 32))
+
+
 def row_key(row: dict) -> tuple:
     recipe = row["recipe"]
-    return (recipe["balance_scope"], recipe.get("balance_window") if recipe["balance_scope"] == "global" else None,
+    return (*_architecture_knobs(recipe), recipe["balance_scope"],
+            recipe.get("balance_window") if recipe["balance_scope"] == "global" else None,
             recipe["balance_loss_coef"], recipe.get("balance_decay_start", 1.0), recipe["steps"], row.get("data_tokens"))
 
 
 def variant_name(row: dict) -> str:
-    """A row's knobs in one unique name, e.g. batch-0.005-decay0.5-phrasebook+digest-600of2400."""
+    """A row's knobs in one unique name, e.g. batch-0.005-decay0.5-phrasebook+digest-600of2400, or
+    v3-bias0.001-kv64-batch-0.0-phrasebook+digest-2400."""
     recipe = row["recipe"]
-    parts = [recipe["balance_scope"], str(recipe["balance_loss_coef"])]
+    architecture, rate, heads, latent = _architecture_knobs(recipe)
+    parts = ["v3"] if architecture == "deepseek_v3" else []
+    parts += [f"bias{rate}"] if rate else []
+    parts += [f"heads{heads}"] if heads != 4 else []
+    parts += [f"kv{latent}"] if latent != 32 else []
+    parts += [recipe["balance_scope"], str(recipe["balance_loss_coef"])]
     if recipe.get("balance_decay_start", 1.0) < 1:
         parts.append(f"decay{recipe['balance_decay_start']}")
     extra = "+".join(name for key, name in EXTRA_RAW_TEXT if recipe.get(key))

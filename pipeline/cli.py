@@ -175,6 +175,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
                 "balance_scope": args.balance_scope, "balance_window": args.balance_window,
                 "balance_decay_start": args.balance_decay_start,
+                "architecture": args.architecture, "bias_update_rate": args.bias_update_rate,
+                "attention_heads": args.attention_heads, "kv_lora_rank": args.kv_lora_rank,
                 "threads": args.threads,
                 "measure_at": tuple(args.measure_at) if args.measure_at else None,
                 "translation_phrasebook": args.translation_phrasebook or None, "summary_digest": args.summary_digest or None}
@@ -352,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance-window", type=int, help="batches in the global balance window (default: the preset's)")
     p.add_argument("--balance-decay-start", type=float,
                    help="share of training after which the balance coefficient decays linearly to 0 (default: 1, constant)")
+    p.add_argument("--architecture", choices=["deepseek_v2", "deepseek_v3"],
+                   help="router: DeepSeek-V2's softmax top-k or DeepSeek-V3's sigmoid top-k with selection biases "
+                        "(default: the preset's)")
+    p.add_argument("--bias-update-rate", type=float,
+                   help="DeepSeek-V3 auxiliary-loss-free balancing: per-step change of each expert's selection bias "
+                        "(deepseek_v3 only; default: the preset's, 0 = off)")
+    p.add_argument("--attention-heads", type=int, help="attention heads per layer (default: the preset's)")
+    p.add_argument("--kv-lora-rank", type=int, help="MLA's compressed key/value width (default: the preset's)")
     p.add_argument("--threads", type=int, help="CPU threads for pretraining (default: the preset's)")
     p.add_argument("--translation-phrasebook", action="store_true",
                    help="also pretrain on a Veltish phrasebook (English, then Veltish) among the raw translation text")

@@ -103,6 +103,35 @@ def test_recipe_validation_names_the_setting():
         PretrainRecipe(steps=0).validate()
     with pytest.raises(ValueError, match="balance_decay_start"):
         PretrainRecipe(balance_decay_start=1.5).validate()
+    with pytest.raises(ValueError, match="architecture must be one of deepseek_v2, deepseek_v3"):
+        PretrainRecipe(architecture="mixtral").validate()
+    with pytest.raises(ValueError, match="bias_update_rate .* only with architecture deepseek_v3"):
+        PretrainRecipe(bias_update_rate=0.001).validate()  # DeepSeek-V2's router has no bias
+    with pytest.raises(ValueError, match="bias_update_rate must be >= 0"):
+        PretrainRecipe(architecture="deepseek_v3", bias_update_rate=-0.001).validate()
+
+
+def test_a_deepseek_v3_router_chooses_with_its_biases_and_balances_on_normalised_sigmoid_scores():
+    from esft.demo.pretrain import router_probabilities
+
+    # Two tokens with the same scores on all 4 experts: the biases alone decide the top-2.
+    logits = torch.zeros(2, 4)
+    bias = torch.tensor([0.0, 0.3, -0.2, 0.1])
+    assert expert_slots((logits,), top_k=2, biases=[bias])[0, 0].tolist() == [0.0, 2.0, 0.0, 2.0]
+    # logits [0, ln 3]: sigmoid scores 1/2 and 3/4, normalised to 2/5 and 3/5 (softmax would give 1/4, 3/4)
+    two = torch.tensor([[0.0, float(torch.log(torch.tensor(3.0)))]])
+    assert router_probabilities(two, sigmoid=True)[0].tolist() == pytest.approx([0.4, 0.6])
+    assert router_probabilities(two, sigmoid=False)[0].tolist() == pytest.approx([0.25, 0.75])
+
+
+def test_auxiliary_loss_free_balancing_moves_each_bias_toward_the_mean_load():
+    from esft.demo.pretrain import update_selection_biases
+
+    biases = [torch.zeros(4), torch.full((4,), 0.5)]
+    slots = torch.tensor([[6.0, 2.0, 4.0, 4.0], [0.0, 8.0, 8.0, 0.0]])  # layer means 4 and 4
+    update_selection_biases(biases, slots, rate=0.01)
+    assert biases[0].tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.0])  # over, under, at the mean
+    assert biases[1].tolist() == pytest.approx([0.51, 0.49, 0.49, 0.51])
 
 
 def test_gates_check_each_bound():
@@ -152,6 +181,25 @@ def test_a_tiny_recipe_run_is_deterministic_and_writes_a_standard_model_director
     assert int(out.stdout.split()[-1]) == report["config"]["vocab_size"]
 
 
+def test_a_deepseek_v3_build_learns_selection_biases_and_loads_without_the_project(tmp_path):
+    recipe = replace(TINY_RECIPE, architecture="deepseek_v3", bias_update_rate=0.01, balance_loss_coef=0.0, steps=4,
+                     measure_at=())
+    report = pretrain(recipe, tmp_path / "v3")
+    assert report["config"]["model_type"] == "deepseek_v3"
+    biases = {k: v for k, v in load_file(tmp_path / "v3" / "model.safetensors").items() if "e_score_correction_bias" in k}
+    assert len(biases) == recipe.layers - 1  # one per MoE layer
+    for bias in biases.values():  # four sign steps of 0.01 from 0: multiples of 0.01 within +-0.04, not all 0
+        steps = bias / 0.01
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4 + 1e-4
+    assert any(bias.abs().sum() > 0 for bias in biases.values())
+    card = (tmp_path / "v3" / "README.md").read_text()
+    assert "DeepSeek-V3-architecture" in card and "auxiliary-loss-free balancing" in card
+    program = ("import sys; from transformers import AutoModelForCausalLM; "
+               "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)")
+    out = subprocess.run([sys.executable, "-c", program, str(tmp_path / "v3")], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "DeepseekV3ForCausalLM"
+
+
 def test_the_shipped_model_is_what_the_default_recipe_builds():
     # The shipped model's recorded recipe and architecture are the default preset's, so
     # `esft pretrain` rebuilds it (the refactored recipe reproduces the earlier code bit for bit).
@@ -186,10 +234,13 @@ def test_the_card_tabulates_only_ablation_runs_of_the_same_recipe():
             {"recipe": {**report["recipe"], "general_rows": 60000, "balance_loss_coef": 0.0777}, "figures": figures,
              "answer_loss": losses},
             {"recipe": {**same, "balance_decay_start": 0.5, "summary_digest": True}, "of_steps": 2400, "figures": figures,
-             "answer_loss": losses}]
+             "answer_loss": losses},
+            {"recipe": {**same, "architecture": "deepseek_v3", "bias_update_rate": 0.001, "balance_loss_coef": 0.0,
+                        "kv_lora_rank": 64, "steps": 2400}, "figures": figures, "answer_loss": losses}]
     card = model_card(report, rows)
     table = card.split("## Ablation: the routing knobs", 1)[1]
-    assert "| batch-level | 0.001 | 600 of 2400 | phrasebook | 1,234,567 |" in table
-    assert "| batch-level | 0.001, to 0 from step 1200 | 600 of 2400 | phrasebook, digest | - |" in table
+    assert "| DeepSeek-V2 | batch-level | 0.001 | 600 of 2400 | phrasebook | 1,234,567 |" in table
+    assert "| DeepSeek-V2 | batch-level | 0.001, to 0 from step 1200 | 600 of 2400 | phrasebook, digest | - |" in table
+    assert "| DeepSeek-V3, kv latent 64 | bias updates 0.001 | 0.0 | 2400 | phrasebook | - |" in table
     assert "0.0777" not in table
     assert "## Ablation" not in model_card(report, rows[1:2])

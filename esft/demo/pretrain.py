@@ -85,6 +85,9 @@ MAX_NEW_TOKENS = {"math": 40, "code": 16, "intent": 48, "law": 12, "translation"
 
 
 BALANCE_SCOPES = ("batch", "sequence", "global")
+# The router: DeepSeek-V2's (softmax scores, top-k) or DeepSeek-V3's (sigmoid scores, top-k chosen
+# with a per-expert selection bias, the chosen scores renormalised), both in the same proportions.
+ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
 
 
 @dataclass
@@ -104,8 +107,11 @@ class PretrainRecipe:
     translation_phrasebook: bool = False  # raw translation text also as "English: ...\nVeltish: ..." (the task's direction)
     summary_digest: bool = False  # raw news also as "<article>\nIn brief: <summary>" (the summary copies from the text before it)
     vocab_size: int = 2048
-    # architecture (DeepSeek-V2: the first layer dense, then MoE layers); DeepSeek-V2-Lite's proportions
+    # architecture (the first layer dense, then MoE layers); DeepSeek-V2-Lite's proportions
+    architecture: str = "deepseek_v2"
     layers: int = 7
+    attention_heads: int = 4
+    kv_lora_rank: int = 32  # MLA's compressed key/value latent, shared by the heads (what copying reads through)
     routed_experts: int = 64
     experts_per_token: int = 6
     shared_experts: int = 2
@@ -124,6 +130,11 @@ class PretrainRecipe:
     # (1.0: constant). Balance while the experts find their roles, then let routing settle on them,
     # as DeepSeek-V3 stopped its balancing-bias updates for the last part of pretraining.
     balance_decay_start: float = 1.0
+    # Auxiliary-loss-free balancing (DeepSeek-V3, deepseek_v3 only): after each step, each expert's
+    # selection bias moves by this much toward balance (up when it took fewer than the mean number of
+    # routing slots in the batch, down when more). It balances load without a loss gradient on the
+    # router, which pushes every token's routing toward the under-used experts. 0: off.
+    bias_update_rate: float = 0.0
     threads: int = 2
     log_every: int = 50
     measure_at: tuple[int, ...] = (600, 1200, 1800)  # also measure routing specialisation at these steps
@@ -136,7 +147,8 @@ class PretrainRecipe:
     def validate(self) -> None:
         for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows",
                      "balance_window",
-                     "routed_experts", "experts_per_token", "shared_experts", "expert_width"):
+                     "routed_experts", "experts_per_token", "shared_experts", "expert_width", "attention_heads",
+                     "kv_lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"pretrain: {name} must be a positive integer")
         if self.layers < 2 or self.experts_per_token > self.routed_experts:
@@ -145,6 +157,11 @@ class PretrainRecipe:
             raise ValueError("pretrain: lr must be > 0, min_lr_ratio in [0, 1] and balance_loss_coef >= 0")
         if not 0 <= self.balance_decay_start <= 1:
             raise ValueError(f"pretrain: balance_decay_start must be in [0, 1], got {self.balance_decay_start}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"pretrain: architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.bias_update_rate < 0 or (self.bias_update_rate > 0 and self.architecture != "deepseek_v3"):
+            raise ValueError("pretrain: bias_update_rate must be >= 0, and > 0 only with architecture deepseek_v3 "
+                             "(DeepSeek-V2's router has no selection bias)")
         if self.balance_scope not in BALANCE_SCOPES:
             raise ValueError(f"pretrain: balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance_scope!r}")
         if min(self.task_rows, self.raw_documents, self.held_out_raw_documents) < 0:
@@ -164,19 +181,21 @@ PRESETS: dict[str, PretrainRecipe] = {
 
 
 def mini_moe_config(vocab_size: int, recipe: PretrainRecipe | None = None) -> PretrainedConfig:
-    """The DeepSeek-V2 architecture of `recipe` (fine-grained experts, MLA attention, a dense first
-    layer), scaled to a 2-core CPU."""
+    """The DeepSeek-V2 or -V3 architecture of `recipe` (fine-grained experts, MLA attention, a dense
+    first layer), scaled to a 2-core CPU."""
     recipe = recipe or PretrainRecipe()
+    router = ({"topk_method": "greedy"} if recipe.architecture == "deepseek_v2"
+              else {"n_group": 1, "topk_group": 1, "norm_topk_prob": True})  # V3: no group limit at this size
     return AutoConfig.for_model(
-        "deepseek_v2",
+        recipe.architecture,
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,  # the dense first layer
         num_hidden_layers=recipe.layers,
         first_k_dense_replace=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        kv_lora_rank=32,
+        num_attention_heads=recipe.attention_heads,
+        num_key_value_heads=recipe.attention_heads,
+        kv_lora_rank=recipe.kv_lora_rank,
         q_lora_rank=None,
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
@@ -185,7 +204,7 @@ def mini_moe_config(vocab_size: int, recipe: PretrainRecipe | None = None) -> Pr
         num_experts_per_tok=recipe.experts_per_token,
         n_shared_experts=recipe.shared_experts,
         moe_intermediate_size=recipe.expert_width,
-        topk_method="greedy",
+        **router,
         routed_scaling_factor=1.0,
         max_position_embeddings=recipe.seq_len,  # the context it is pretrained on; longer inputs degrade
         tie_word_embeddings=False,
@@ -262,19 +281,47 @@ def token_blocks(documents: list[Document], tokenizer: PreTrainedTokenizerBase,
     return torch.tensor(blocks, dtype=torch.long), mix
 
 
-def expert_slots(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1) -> torch.Tensor:
+def selection_biases(model: PreTrainedModel) -> list[torch.Tensor] | None:
+    """DeepSeek-V3's per-expert selection biases, one [E] buffer per MoE layer in order (None for
+    DeepSeek-V2, whose router has none). The router adds them to its sigmoid scores only to choose
+    the top-k; the weights it applies are the unbiased scores."""
+    if model.config.model_type != "deepseek_v3":
+        return None
+    return [layer.mlp.gate.e_score_correction_bias for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+
+
+def _choice_scores(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> torch.Tensor:
+    """What the router's top-k is taken over: DeepSeek-V2's logits (its softmax keeps their order) or
+    DeepSeek-V3's sigmoid scores plus the selection bias."""
+    return logits_TE if bias_E is None else logits_TE.sigmoid() + bias_E
+
+
+def router_probabilities(logits_TE: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    """Each token's router probabilities over the experts, for the balance loss: DeepSeek-V2's
+    softmax, or DeepSeek-V3's sigmoid scores normalised to sum to 1 (as in its sequence-wise loss)."""
+    if not sigmoid:
+        return logits_TE.float().softmax(dim=-1)
+    scores_TE = logits_TE.float().sigmoid()
+    return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+
+def expert_slots(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1,
+                 biases: list[torch.Tensor] | None = None) -> torch.Tensor:
     """How many routing slots each expert took, per MoE layer and group of tokens: [L, rows, E]
-    (the logits are row-major [rows * T, E]; rows=1 counts the whole batch). Not differentiable."""
+    (the logits are row-major [rows * T, E]; rows=1 counts the whole batch; `biases`: DeepSeek-V3's
+    selection biases, see `selection_biases`). Not differentiable."""
     counts = []
-    for logits_TE in router_logits:
-        chosen_GTK = logits_TE.detach().topk(top_k, dim=-1).indices.view(rows, -1, top_k)
+    for layer, logits_TE in enumerate(router_logits):
+        choice_TE = _choice_scores(logits_TE.detach(), None if biases is None else biases[layer])
+        chosen_GTK = choice_TE.topk(top_k, dim=-1).indices.view(rows, -1, top_k)
         counts.append(torch.zeros(rows, logits_TE.shape[-1], device=logits_TE.device).scatter_add_(
             1, chosen_GTK.flatten(1), torch.ones(chosen_GTK.flatten(1).shape, device=logits_TE.device)))
     return torch.stack(counts)
 
 
 def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1,
-                 earlier_slots_LE: torch.Tensor | None = None, slots_LGE: torch.Tensor | None = None) -> torch.Tensor:
+                 earlier_slots_LE: torch.Tensor | None = None, slots_LGE: torch.Tensor | None = None,
+                 sigmoid: bool = False) -> torch.Tensor:
     """Switch-transformer load balancing, averaged over MoE layers: E * sum_e f_e * P_e, where f_e is
     the share of routing slots that went to expert e and P_e its mean router probability over a
     group of tokens: the whole batch (rows=1) or each of `rows` sequences, then averaged.
@@ -285,7 +332,8 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int 
     which works against specialisation; batch-level balance lets a batch's domains share the
     experts out, and a global window, holding many batches' worth of every domain, balances only
     the load over the whole mixture, so an expert may serve one domain alone. `slots_LGE`: this
-    batch's `expert_slots`, when the caller has counted them already."""
+    batch's `expert_slots`, when the caller has counted them already (a DeepSeek-V3 router's must
+    be, with its selection biases); `sigmoid`: the router is DeepSeek-V3's."""
     slots_LGE = expert_slots(router_logits, top_k, rows) if slots_LGE is None else slots_LGE
     if earlier_slots_LE is not None:
         if rows != 1:
@@ -294,10 +342,18 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int 
     share_LGE = slots_LGE / slots_LGE.sum(dim=-1, keepdim=True)
     losses = []
     for logits_TE, share_GE in zip(router_logits, share_LGE):
-        probs_GTE = logits_TE.float().softmax(dim=-1).view(rows, -1, logits_TE.shape[-1])
+        probs_GTE = router_probabilities(logits_TE, sigmoid).view(rows, -1, logits_TE.shape[-1])
         num_experts = probs_GTE.shape[-1]
         losses.append(num_experts * (share_GE * probs_GTE.mean(dim=1)).sum(dim=1).mean())
     return torch.stack(losses).mean()
+
+
+def update_selection_biases(biases: list[torch.Tensor], slots_LE: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing step: each expert's selection bias goes up by
+    `rate` if it took fewer routing slots than the layer's mean in this batch, down if more."""
+    with torch.no_grad():
+        for bias_E, slots_E in zip(biases, slots_LE):
+            bias_E += rate * torch.sign(slots_E.mean() - slots_E)
 
 
 def learning_rate(step: int, recipe: PretrainRecipe) -> float:
@@ -330,6 +386,7 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
     generator = torch.Generator().manual_seed(recipe.seed)
     order, cursor = torch.randperm(len(blocks), generator=generator), 0
     top_k = model.config.num_experts_per_tok
+    biases = selection_biases(model)
     history, started, window = [], time.perf_counter(), []
     recent_slots = collections.deque(maxlen=recipe.balance_window - 1)  # "global" balance: earlier batches' expert load
     model.train()
@@ -341,17 +398,19 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe)
         output = model(input_ids=batch, labels=batch, output_router_logits=True)
+        rows = len(batch) if recipe.balance_scope == "sequence" else 1
+        slots_LGE = expert_slots(output.router_logits, top_k, rows, biases)  # with the biases this forward chose by
+        earlier = torch.stack(list(recent_slots)).sum(dim=0) if recipe.balance_scope == "global" and recent_slots else None
+        balance = balance_loss(output.router_logits, top_k, rows, earlier_slots_LE=earlier, slots_LGE=slots_LGE,
+                               sigmoid=biases is not None)
         if recipe.balance_scope == "global":
-            current_LGE = expert_slots(output.router_logits, top_k)
-            earlier = torch.stack(list(recent_slots)).sum(dim=0) if recent_slots else None
-            balance = balance_loss(output.router_logits, top_k, earlier_slots_LE=earlier, slots_LGE=current_LGE)
-            recent_slots.append(current_LGE[:, 0])
-        else:
-            balance = balance_loss(output.router_logits, top_k, rows=len(batch) if recipe.balance_scope == "sequence" else 1)
+            recent_slots.append(slots_LGE[:, 0])
         (output.loss + balance_coefficient(step, recipe) * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), PAPER_GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if recipe.bias_update_rate:
+            update_selection_biases(biases, slots_LGE.sum(dim=1), recipe.bias_update_rate)
         window.append((float(output.loss.detach()), float(balance.detach())))
         if step % recipe.log_every == 0 or step == recipe.steps:
             elapsed = time.perf_counter() - started
@@ -489,10 +548,25 @@ ABLATION_SAME = ("seed", "general_rows", "task_rows", "raw_documents", "held_out
 
 
 def balance_description(recipe: dict) -> str:
-    """How a recipe balanced expert load, for the card: batch-level, sequence-level, or global over N batches."""
-    if recipe["balance_scope"] == "global":
-        return f"global ({recipe['balance_window']} batches)"
-    return f"{recipe['balance_scope']}-level"
+    """How a recipe balanced expert load, for the card: batch-level, sequence-level, or global over N
+    batches (the balance loss's scope), or DeepSeek-V3's bias updates, with the loss's scope when
+    the loss is on too."""
+    loss = (f"global ({recipe['balance_window']} batches)" if recipe["balance_scope"] == "global"
+            else f"{recipe['balance_scope']}-level")
+    rate = recipe.get("bias_update_rate", 0.0)  # absent in reports written before the knob existed
+    if not rate:
+        return loss
+    return f"bias updates {rate}" + (f" + {loss} loss" if recipe["balance_loss_coef"] else "")
+
+
+def architecture_description(recipe: dict) -> str:
+    """The router and attention of a recipe, for the card: "DeepSeek-V2", or e.g. "DeepSeek-V3, kv
+    latent 64" where the attention differs from the default recipe's."""
+    default = PretrainRecipe()
+    name = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}[recipe.get("architecture", default.architecture)]
+    heads, latent = recipe.get("attention_heads", default.attention_heads), recipe.get("kv_lora_rank", default.kv_lora_rank)
+    return ", ".join([name, *([f"{heads} heads"] if heads != default.attention_heads else []),
+                      *([f"kv latent {latent}"] if latent != default.kv_lora_rank else [])])
 
 
 def coefficient_description(recipe: dict, total_steps: int) -> str:
@@ -519,12 +593,30 @@ def _steps_cell(ablation_row: dict) -> str:
     return f"{steps}" if steps == length else f"{steps} of {length}"
 
 
+def _router_description(config: dict) -> str:
+    if config.get("model_type") == "deepseek_v3":
+        return "sigmoid router choosing its top-k with per-expert selection biases (DeepSeek-V3)"
+    return "softmax router (DeepSeek-V2)"
+
+
+def _balancing_sentence(recipe: dict) -> str:
+    """How the card's recipe line states expert balancing."""
+    scope = balance_description({**recipe, "bias_update_rate": 0})
+    loss = f"{scope} balance loss x {coefficient_description(recipe, recipe['steps'])}"
+    rate = recipe.get("bias_update_rate", 0.0)
+    if not rate:
+        return loss
+    free = f"auxiliary-loss-free balancing (each expert's selection bias moves {rate} per step toward the mean load)"
+    return free + (f" + {loss}" if recipe["balance_loss_coef"] else ", no balance loss")
+
+
 def model_card(report: dict, ablation: list[dict] | None = None) -> str:
     spec, recipe = report["specialisation"], report["recipe"]
     layers = spec["layers"]
     lines = [
         f"# {MODEL_NAME}", "",
-        ("A small DeepSeek-V2-architecture MoE pretrained by the ESFT project's recipe "
+        (f"A small {architecture_description({'architecture': recipe.get('architecture', 'deepseek_v2')})}-architecture MoE "
+         "in DeepSeek-V2-Lite's proportions, pretrained by the ESFT project's recipe "
          "(`esft pretrain`, module `esft/demo/pretrain.py`) on generated data (`esft/demo/synthetic.py`). "
          "It exists so that ESFT's effects can be shown and tested on a CPU without downloads: its experts "
          "specialise by domain, as the paper's DeepSeek-V2-Lite's do."), "",
@@ -532,7 +624,9 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
         (f"- parameters: {report['parameters']:,}; {spec['num_experts']} routed experts per MoE layer "
          f"(width {report['config']['moe_intermediate_size']}), top-{report['config']['num_experts_per_tok']}, "
          f"{report['config']['n_shared_experts']} shared experts, {report['config']['num_hidden_layers']} layers "
-         f"(the first dense), hidden {report['config']['hidden_size']}, MLA attention, "
+         f"(the first dense), hidden {report['config']['hidden_size']}, MLA attention "
+         f"({report['config'].get('num_attention_heads', 4)} heads, key/value latent {report['config']['kv_lora_rank']}), "
+         f"{_router_description(report['config'])}, "
          f"vocabulary {report['config']['vocab_size']}"),
         (f"- data: general mixture ({recipe['general_rows']:,} rows) + {', '.join(synthetic.PRETRAIN_TASKS)} "
          f"({recipe['task_rows']:,} rows each) in the User/Assistant template, plus raw text of every task domain "
@@ -541,8 +635,7 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
          f"{report['data']['tokens']:,} tokens are raw text. Held out of the instruction format: "
          f"{', '.join(synthetic.HELD_OUT_TASKS)}. Tokenizer: byte-level BPE trained on all of it."),
         (f"- training: {recipe['steps']} steps x {recipe['batch_rows']} x {recipe['seq_len']} tokens, AdamW, lr {recipe['lr']} "
-         f"(warm-up + cosine), {balance_description(recipe)} balance loss x "
-         f"{coefficient_description(recipe, recipe['steps'])}; final loss "
+         f"(warm-up + cosine), {_balancing_sentence(recipe)}; final loss "
          f"{report['history'][-1]['loss']:.3f}"),
         (f"- hardware and time: {report['seconds']:.0f} s on {recipe['threads']} CPU threads ({report['hardware']}), "
          f"torch {report['torch']}"),
@@ -576,11 +669,15 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
         lines += ["", "## Ablation: the routing knobs", "",
                   ("Pretraining runs with this recipe's architecture and data mix, measured by the same gates; `steps` "
                    "is where a run was measured (`of` its length when measured along the way of a longer run); "
+                   "`architecture`: the router (DeepSeek-V2's softmax, or DeepSeek-V3's sigmoid with selection biases) "
+                   "and the attention where it differs from 4 heads and a key/value latent of 32; `balance`: the "
+                   "balance loss's scope, or DeepSeek-V3's auxiliary-loss-free bias updates (per-step rate); "
                    "`extra raw text`: the recipe's translation_phrasebook (raw translation text in the task's direction) "
                    "and summary_digest (news articles followed by their summary)."), "",
-                  *_table(["balance", "coef", "steps", "extra raw text", "data tokens", *[label for label, *_ in GATES],
-                           *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
-                          [[balance_description(a["recipe"]), coefficient_description(a["recipe"], _run_length(a)),
+                  *_table(["architecture", "balance", "coef", "steps", "extra raw text", "data tokens",
+                           *[label for label, *_ in GATES], *[f"loss {t}" for t in synthetic.HELD_OUT_TASKS]],
+                          [[architecture_description(a["recipe"]), balance_description(a["recipe"]),
+                            coefficient_description(a["recipe"], _run_length(a)),
                             _steps_cell(a),
                             ", ".join(name for key, name in EXTRA_RAW_TEXT if a["recipe"].get(key)) or "none",
                             f"{a['data_tokens']:,}" if a.get("data_tokens") else "-",
