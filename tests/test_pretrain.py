@@ -124,6 +124,31 @@ def test_a_deepseek_v3_router_chooses_with_its_biases_and_balances_on_normalised
     assert router_probabilities(two, sigmoid=False)[0].tolist() == pytest.approx([0.25, 0.75])
 
 
+def test_the_recipe_counts_the_routing_slots_a_deepseek_v3_model_chose():
+    """Parity with the model's own routing: with random selection biases, the recipe's slot counts
+    (from the logits and biases) equal the counts of what the routers actually chose."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from esft.demo.pretrain import selection_biases
+    from esft.routing import capture_routing
+
+    torch.manual_seed(0)
+    recipe = replace(TINY_RECIPE, architecture="deepseek_v3", layers=3)
+    model = AutoModelForCausalLM.from_config(mini_moe_config(400, recipe)).eval()
+    for bias in selection_biases(model):
+        bias.copy_(torch.randn(bias.shape) * 0.05)  # the size of the scores' spread: it changes choices
+    input_ids = torch.randint(3, 400, (2, 16))
+    with torch.no_grad():
+        logits = model(input_ids, output_router_logits=True).router_logits
+    slots = expert_slots(logits, recipe.experts_per_token, biases=selection_biases(model))[:, 0]
+    chosen = capture_routing(model, input_ids, torch.ones_like(input_ids))
+    for row, layer in enumerate(sorted(chosen)):
+        assert slots[row].tolist() == np.bincount(chosen[layer][0].reshape(-1).numpy(), minlength=64).tolist()
+    unbiased = expert_slots(logits, recipe.experts_per_token)[:, 0]
+    assert not torch.equal(unbiased, slots)  # the biases did change the choice
+
+
 def test_auxiliary_loss_free_balancing_moves_each_bias_toward_the_mean_load():
     from esft.demo.pretrain import update_selection_biases
 
