@@ -32,7 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_ablation.json"
 def _architecture_knobs(recipe: dict) -> tuple:
     """The router and attention knobs, with the defaults of rows written before they existed."""
     return (recipe.get("architecture", "deepseek_v2"), recipe.get("bias_update_rate", 0.0),
-            recipe.get("attention_heads", 4), recipe.get("kv_lora_rank", 32))
+            recipe.get("attention_heads", 4), recipe.get("kv_lora_rank", 32), recipe.get("expert_groups", 1),
+            recipe.get("groups_per_token", 1))
 
 
 def row_key(row: dict) -> tuple:
@@ -46,8 +47,9 @@ def variant_name(row: dict) -> str:
     """A row's knobs in one unique name, e.g. batch-0.005-decay0.5-phrasebook+digest-600of2400, or
     v3-bias0.001-kv64-batch-0.0-phrasebook+digest-2400."""
     recipe = row["recipe"]
-    architecture, rate, heads, latent = _architecture_knobs(recipe)
+    architecture, rate, heads, latent, groups, per_token = _architecture_knobs(recipe)
     parts = ["v3"] if architecture == "deepseek_v3" else []
+    parts += [f"groups{per_token}of{groups}"] if groups > 1 else []
     parts += [f"bias{rate}"] if rate else []
     parts += [f"heads{heads}"] if heads != 4 else []
     parts += [f"kv{latent}"] if latent != 32 else []

@@ -177,6 +177,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 "balance_decay_start": args.balance_decay_start,
                 "architecture": args.architecture, "bias_update_rate": args.bias_update_rate,
                 "attention_heads": args.attention_heads, "kv_lora_rank": args.kv_lora_rank,
+                "expert_groups": args.expert_groups, "groups_per_token": args.groups_per_token,
                 "threads": args.threads,
                 "measure_at": tuple(args.measure_at) if args.measure_at else None,
                 "translation_phrasebook": args.translation_phrasebook or None, "summary_digest": args.summary_digest or None}
@@ -360,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-update-rate", type=float,
                    help="DeepSeek-V3 auxiliary-loss-free balancing: per-step change of each expert's selection bias "
                         "(deepseek_v3 only; default: the preset's, 0 = off)")
+    p.add_argument("--expert-groups", type=int,
+                   help="group-limited routing: the routed experts form this many groups (default: the preset's, 1)")
+    p.add_argument("--groups-per-token", type=int,
+                   help="group-limited routing: a token's experts come from its best this-many groups (default: 1)")
     p.add_argument("--attention-heads", type=int, help="attention heads per layer (default: the preset's)")
     p.add_argument("--kv-lora-rank", type=int, help="MLA's compressed key/value width (default: the preset's)")
     p.add_argument("--threads", type=int, help="CPU threads for pretraining (default: the preset's)")

@@ -107,6 +107,10 @@ def test_recipe_validation_names_the_setting():
         PretrainRecipe(architecture="mixtral").validate()
     with pytest.raises(ValueError, match="bias_update_rate .* only with architecture deepseek_v3"):
         PretrainRecipe(bias_update_rate=0.001).validate()  # DeepSeek-V2's router has no bias
+    with pytest.raises(ValueError, match="expert_groups must divide routed_experts"):
+        PretrainRecipe(expert_groups=5).validate()
+    with pytest.raises(ValueError, match="at least experts_per_token experts"):
+        PretrainRecipe(expert_groups=16, groups_per_token=1).validate()  # 4 experts, top-6
     with pytest.raises(ValueError, match="bias_update_rate must be >= 0"):
         PretrainRecipe(architecture="deepseek_v3", bias_update_rate=-0.001).validate()
 
@@ -124,9 +128,12 @@ def test_a_deepseek_v3_router_chooses_with_its_biases_and_balances_on_normalised
     assert router_probabilities(two, sigmoid=False)[0].tolist() == pytest.approx([0.25, 0.75])
 
 
-def test_the_recipe_counts_the_routing_slots_a_deepseek_v3_model_chose():
-    """Parity with the model's own routing: with random selection biases, the recipe's slot counts
-    (from the logits and biases) equal the counts of what the routers actually chose."""
+@pytest.mark.parametrize("architecture, groups", [("deepseek_v3", (1, 1)), ("deepseek_v3", (8, 2)),
+                                                   ("deepseek_v2", (8, 2)), ("deepseek_v2", (8, 3))])
+def test_the_recipe_counts_the_routing_slots_the_model_chose(architecture, groups):
+    """Parity with the model's own routing: with random selection biases (DeepSeek-V3) and group-
+    limited routing, the recipe's slot counts (from the logits) equal the counts of what the
+    routers actually chose."""
     import numpy as np
     from transformers import AutoModelForCausalLM
 
@@ -134,19 +141,22 @@ def test_the_recipe_counts_the_routing_slots_a_deepseek_v3_model_chose():
     from esft.routing import capture_routing
 
     torch.manual_seed(0)
-    recipe = replace(TINY_RECIPE, architecture="deepseek_v3", layers=3)
+    recipe = replace(TINY_RECIPE, architecture=architecture, layers=3, expert_groups=groups[0], groups_per_token=groups[1])
     model = AutoModelForCausalLM.from_config(mini_moe_config(400, recipe)).eval()
-    for bias in selection_biases(model):
+    biases = selection_biases(model)
+    for bias in biases or []:
         bias.copy_(torch.randn(bias.shape) * 0.05)  # the size of the scores' spread: it changes choices
     input_ids = torch.randint(3, 400, (2, 16))
     with torch.no_grad():
         logits = model(input_ids, output_router_logits=True).router_logits
-    slots = expert_slots(logits, recipe.experts_per_token, biases=selection_biases(model))[:, 0]
+    slots = expert_slots(logits, recipe.experts_per_token, biases=biases, groups=groups)[:, 0]
     chosen = capture_routing(model, input_ids, torch.ones_like(input_ids))
     for row, layer in enumerate(sorted(chosen)):
         assert slots[row].tolist() == np.bincount(chosen[layer][0].reshape(-1).numpy(), minlength=64).tolist()
-    unbiased = expert_slots(logits, recipe.experts_per_token)[:, 0]
-    assert not torch.equal(unbiased, slots)  # the biases did change the choice
+    if groups != (1, 1):  # the groups did limit the choice
+        assert not torch.equal(expert_slots(logits, recipe.experts_per_token, biases=biases)[:, 0], slots)
+    if biases:
+        assert not torch.equal(expert_slots(logits, recipe.experts_per_token, groups=groups)[:, 0], slots)
 
 
 def test_auxiliary_loss_free_balancing_moves_each_bias_toward_the_mean_load():

@@ -112,6 +112,11 @@ class PretrainRecipe:
     layers: int = 7
     attention_heads: int = 4
     kv_lora_rank: int = 32  # MLA's compressed key/value latent, shared by the heads (what copying reads through)
+    # Group-limited routing (DeepSeek-V2's device-limited routing, with groups for devices): the
+    # experts form `expert_groups` groups and each token takes its top-k from its best
+    # `groups_per_token` groups only. 1 and 1: no limit (DeepSeek-V2-Lite).
+    expert_groups: int = 1
+    groups_per_token: int = 1
     routed_experts: int = 64
     experts_per_token: int = 6
     shared_experts: int = 2
@@ -148,7 +153,7 @@ class PretrainRecipe:
         for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows",
                      "balance_window",
                      "routed_experts", "experts_per_token", "shared_experts", "expert_width", "attention_heads",
-                     "kv_lora_rank"):
+                     "kv_lora_rank", "expert_groups", "groups_per_token"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"pretrain: {name} must be a positive integer")
         if self.layers < 2 or self.experts_per_token > self.routed_experts:
@@ -157,6 +162,10 @@ class PretrainRecipe:
             raise ValueError("pretrain: lr must be > 0, min_lr_ratio in [0, 1] and balance_loss_coef >= 0")
         if not 0 <= self.balance_decay_start <= 1:
             raise ValueError(f"pretrain: balance_decay_start must be in [0, 1], got {self.balance_decay_start}")
+        if self.routed_experts % self.expert_groups or self.groups_per_token > self.expert_groups or (
+                self.groups_per_token * self.routed_experts // self.expert_groups < self.experts_per_token):
+            raise ValueError("pretrain: expert_groups must divide routed_experts, and groups_per_token groups must hold "
+                             "at least experts_per_token experts (and be at most expert_groups)")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"pretrain: architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.bias_update_rate < 0 or (self.bias_update_rate > 0 and self.architecture != "deepseek_v3"):
@@ -184,8 +193,11 @@ def mini_moe_config(vocab_size: int, recipe: PretrainRecipe | None = None) -> Pr
     """The DeepSeek-V2 or -V3 architecture of `recipe` (fine-grained experts, MLA attention, a dense
     first layer), scaled to a 2-core CPU."""
     recipe = recipe or PretrainRecipe()
-    router = ({"topk_method": "greedy"} if recipe.architecture == "deepseek_v2"
-              else {"n_group": 1, "topk_group": 1, "norm_topk_prob": True})  # V3: no group limit at this size
+    groups = {"n_group": recipe.expert_groups, "topk_group": recipe.groups_per_token}
+    if recipe.architecture == "deepseek_v2":
+        router = {"topk_method": "greedy" if recipe.expert_groups == 1 else "group_limited_greedy", **groups}
+    else:
+        router = {**groups, "norm_topk_prob": True}
     return AutoConfig.for_model(
         recipe.architecture,
         vocab_size=vocab_size,
@@ -290,10 +302,20 @@ def selection_biases(model: PreTrainedModel) -> list[torch.Tensor] | None:
     return [layer.mlp.gate.e_score_correction_bias for layer in model.model.layers if hasattr(layer.mlp, "gate")]
 
 
-def _choice_scores(logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> torch.Tensor:
+def _choice_scores(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, groups: int = 1,
+                   groups_per_token: int = 1) -> torch.Tensor:
     """What the router's top-k is taken over: DeepSeek-V2's logits (its softmax keeps their order) or
-    DeepSeek-V3's sigmoid scores plus the selection bias."""
-    return logits_TE if bias_E is None else logits_TE.sigmoid() + bias_E
+    DeepSeek-V3's sigmoid scores plus the selection bias; with group-limited routing, -inf outside
+    each token's best `groups_per_token` of `groups` groups (V2 ranks a group by its best expert,
+    V3 by the sum of its best two, as the models do)."""
+    choice_TE = logits_TE if bias_E is None else logits_TE.sigmoid() + bias_E
+    if groups == 1:
+        return choice_TE
+    grouped_TGE = choice_TE.view(len(choice_TE), groups, -1)
+    group_score_TG = grouped_TGE.max(dim=-1).values if bias_E is None else grouped_TGE.topk(2, dim=-1).values.sum(dim=-1)
+    kept_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(
+        1, group_score_TG.topk(groups_per_token, dim=-1).indices, True)
+    return grouped_TGE.masked_fill(~kept_TG.unsqueeze(-1), float("-inf")).view_as(choice_TE)
 
 
 def router_probabilities(logits_TE: torch.Tensor, sigmoid: bool) -> torch.Tensor:
@@ -306,13 +328,14 @@ def router_probabilities(logits_TE: torch.Tensor, sigmoid: bool) -> torch.Tensor
 
 
 def expert_slots(router_logits: tuple[torch.Tensor, ...], top_k: int, rows: int = 1,
-                 biases: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 biases: list[torch.Tensor] | None = None, groups: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """How many routing slots each expert took, per MoE layer and group of tokens: [L, rows, E]
     (the logits are row-major [rows * T, E]; rows=1 counts the whole batch; `biases`: DeepSeek-V3's
-    selection biases, see `selection_biases`). Not differentiable."""
+    selection biases, see `selection_biases`; `groups`: (expert groups, groups per token) of
+    group-limited routing). Not differentiable."""
     counts = []
     for layer, logits_TE in enumerate(router_logits):
-        choice_TE = _choice_scores(logits_TE.detach(), None if biases is None else biases[layer])
+        choice_TE = _choice_scores(logits_TE.detach(), None if biases is None else biases[layer], *groups)
         chosen_GTK = choice_TE.topk(top_k, dim=-1).indices.view(rows, -1, top_k)
         counts.append(torch.zeros(rows, logits_TE.shape[-1], device=logits_TE.device).scatter_add_(
             1, chosen_GTK.flatten(1), torch.ones(chosen_GTK.flatten(1).shape, device=logits_TE.device)))
@@ -399,7 +422,8 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
             group["lr"] = learning_rate(step, recipe)
         output = model(input_ids=batch, labels=batch, output_router_logits=True)
         rows = len(batch) if recipe.balance_scope == "sequence" else 1
-        slots_LGE = expert_slots(output.router_logits, top_k, rows, biases)  # with the biases this forward chose by
+        # what this forward chose: with its biases, within its groups
+        slots_LGE = expert_slots(output.router_logits, top_k, rows, biases, (recipe.expert_groups, recipe.groups_per_token))
         earlier = torch.stack(list(recent_slots)).sum(dim=0) if recipe.balance_scope == "global" and recent_slots else None
         balance = balance_loss(output.router_logits, top_k, rows, earlier_slots_LE=earlier, slots_LGE=slots_LGE,
                                sigmoid=biases is not None)
@@ -560,12 +584,14 @@ def balance_description(recipe: dict) -> str:
 
 
 def architecture_description(recipe: dict) -> str:
-    """The router and attention of a recipe, for the card: "DeepSeek-V2", or e.g. "DeepSeek-V3, kv
-    latent 64" where the attention differs from the default recipe's."""
+    """The router and attention of a recipe, for the card: "DeepSeek-V2", or e.g. "DeepSeek-V2, 3 of
+    8 expert groups, kv latent 64" where routing and attention differ from the default recipe's."""
     default = PretrainRecipe()
     name = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}[recipe.get("architecture", default.architecture)]
+    groups, per_token = recipe.get("expert_groups", 1), recipe.get("groups_per_token", 1)
     heads, latent = recipe.get("attention_heads", default.attention_heads), recipe.get("kv_lora_rank", default.kv_lora_rank)
-    return ", ".join([name, *([f"{heads} heads"] if heads != default.attention_heads else []),
+    return ", ".join([name, *([f"{per_token} of {groups} expert groups"] if groups > 1 else []),
+                      *([f"{heads} heads"] if heads != default.attention_heads else []),
                       *([f"kv latent {latent}"] if latent != default.kv_lora_rank else [])])
 
 
@@ -669,8 +695,9 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
         lines += ["", "## Ablation: the routing knobs", "",
                   ("Pretraining runs with this recipe's architecture and data mix, measured by the same gates; `steps` "
                    "is where a run was measured (`of` its length when measured along the way of a longer run); "
-                   "`architecture`: the router (DeepSeek-V2's softmax, or DeepSeek-V3's sigmoid with selection biases) "
-                   "and the attention where it differs from 4 heads and a key/value latent of 32; `balance`: the "
+                   "`architecture`: the router (DeepSeek-V2's softmax, or DeepSeek-V3's sigmoid with selection biases; "
+                   "group-limited: a token's experts come from its best k of the expert groups) and the attention where "
+                   "it differs from 4 heads and a key/value latent of 32; `balance`: the "
                    "balance loss's scope, or DeepSeek-V3's auxiliary-loss-free bias updates (per-step rate); "
                    "`extra raw text`: the recipe's translation_phrasebook (raw translation text in the task's direction) "
                    "and summary_digest (news articles followed by their summary)."), "",
