@@ -17,7 +17,9 @@ as in the paper: the model has their skill, not their alignment.
 held-out tasks never seen), whose experts barely specialised.
 
 Both add a switch-style balance loss over the batch (ablations: per sequence, over a window of
-batches, or decayed to 0 over the last part of training; the card tabulates them).
+batches, or decayed to 0 over the last part of training; DeepSeek-V3's router with its
+auxiliary-loss-free bias updates; group-limited routing; a wider key/value latent; the card
+tabulates them).
 `measure_specialisation` measures the gates ESFT's premise needs (concentrated, task-specific
 routing; held-out tasks learnable but not aligned; aligned tasks solved) beside DeepSeek-V2-Lite's
 figures; `bench/specialisation.py` runs it on any model directory.
