@@ -3,20 +3,21 @@
     esft run --config configs/quickstart.yaml
 
 profile -> select -> train -> evaluate -> register, each stage writing its artifact under the
-run directory. A stage whose inputs are unchanged since it last completed is skipped, so a rerun
-after Ctrl-C or a killed driver resumes at the first incomplete stage (training itself resumes
-from its last checkpoint).
+run directory (select, train and evaluate are the functions every sweep trial calls too:
+pipeline/stages.py). A stage whose inputs are unchanged since it last completed is skipped, so a
+rerun after Ctrl-C or a killed driver resumes at the first incomplete stage (training itself
+resumes from its last checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from esft.io import atomic_write_text
 from pipeline.cache_keys import content_hash, digest, keyed, model_fingerprint
@@ -53,6 +54,10 @@ class SelectConfig:
 
 @dataclass
 class PipelineConfig:
+    """`esft run`'s config file: the model and data, and one section per stage."""
+
+    REGISTER_SETTINGS: ClassVar[frozenset[str]] = frozenset({"model_name", "metric", "tracking_uri"})
+
     name: str = "esft"
     run_dir: str = "runs/esft"
     model: str = EMBEDDED  # a hub id / directory, or "embedded": the project's default model and corpora
@@ -102,12 +107,16 @@ class PipelineConfig:
 
     def validate(self, source: str = "run") -> None:
         """Every section as a whole, before any compute or any file is written."""
+        self.selection(source)
+        self.validate_sections(source)
+
+    def validate_sections(self, source: str) -> None:
+        """The inputs, the register section and every stage's settings (all but the selection)."""
         if self.model != EMBEDDED and not (self.train_data and self.eval_data):
             raise ConfigError(f"{source}: give train_data and eval_data (or use model: embedded)")
-        self.selection(source)
         from pipeline.register import check_register_settings
 
-        check_register_settings(self.register, {"model_name", "metric", "tracking_uri"}, where=source)
+        check_register_settings(self.register, set(self.REGISTER_SETTINGS), where=source)
         run = Path(self.run_dir).resolve()
         inputs = self.inputs(run)
         for stage_config in self.stage_configs(inputs["model"], inputs, run, source):
@@ -186,11 +195,9 @@ def gain_lines(baseline: dict, tuned: dict, metrics: list[str]) -> list[str]:
 
 def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
     """The whole pipeline; `source` (the config file) names where a settings error comes from."""
-    from esft.select import load_layer_scores, select_experts
-    from pipeline.evaluate import run_eval
+    from pipeline import stages
     from pipeline.profile import run_profile
     from pipeline.register import register_adapter
-    from pipeline.train import run_train
 
     config.validate(source)
     selection = config.selection(source)
@@ -214,8 +221,7 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
     expert_cfg = run / "select" / "expert_cfg.json"
 
     def select() -> int:
-        chosen = select_experts(load_layer_scores(run / "profile", selection.score_function), top_p=selection.top_p,
-                                experts_per_layer=selection.experts_per_layer)
+        chosen = stages.select(run / "profile", selection.score_function, selection.top_p, selection.experts_per_layer)
         chosen.save(expert_cfg)
         return chosen.num_selected
 
@@ -224,25 +230,15 @@ def run_pipeline(config: PipelineConfig, source: str = "run") -> dict:
     train_key = stage_key({"select": selected, **asdict(train_cfg), "resume": None})
 
     def train() -> dict:
-        # A run killed with the same inputs continues from its checkpoint; one started with other
-        # inputs (another selection, other settings) is stale and starts over.
-        started = run / "stages" / "train.started"
-        same = started.exists() and started.read_text() == train_key
-        if not same and (run / "train").exists():
-            shutil.rmtree(run / "train")
-        train_cfg.resume = same and (run / "train" / "ray").exists()
-        atomic_write_text(started, train_key)
-        metrics = run_train(train_cfg)
+        metrics = stages.train(train_cfg, train_key)
         return {k: metrics[k] for k in ("final_valid_loss", "final_general_loss", "trainable_parameters", "wall_seconds")}
 
     trained = stage(run, "train", train_key, train)["result"]
 
-    evaluated = stage(run, "eval", stage_key({"train": trained, **asdict(eval_cfg)}),
-                      lambda: {k: v for k, v in run_eval(eval_cfg).items() if isinstance(v, (int, float))})["result"]
+    evaluated = stage(run, "eval", stage_key({"train": trained, **asdict(eval_cfg)}), lambda: stages.evaluate(eval_cfg))["result"]
     # The same evaluation of the base model, so the run shows what fine-tuning changed.
     baseline_cfg = replace(eval_cfg, adapter=None, out=str(run / "eval" / "baseline.json"))
-    baseline = stage(run, "baseline", stage_key(asdict(baseline_cfg)),
-                     lambda: {k: v for k, v in run_eval(baseline_cfg).items() if isinstance(v, (int, float))})["result"]
+    baseline = stage(run, "baseline", stage_key(asdict(baseline_cfg)), lambda: stages.evaluate(baseline_cfg))["result"]
 
     register_cfg = {"model_name": config.name, "metric": eval_cfg.metric[0], **config.register}
 

@@ -16,6 +16,9 @@ beats the current champion) and prints a summary table.
 Rerunning the same command after the driver died resumes the sweep from its own JSON journal (never from
 Tune's pickled experiment state, see pipeline.sweep_journal): completed trials are kept, the searcher is told
 all of them, interrupted trials run again and their training continues from its last checkpoint.
+
+Beside this module: the settings (pipeline/sweep_config.py), the journal (pipeline/sweep_journal.py), the
+summary table and the registration of the best trial (pipeline/sweep_summary.py).
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ import fcntl
 import functools
 import json
 import logging
-import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -36,8 +38,10 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from esft.io import atomic_write_text
+from pipeline import stages
 from pipeline.cache_keys import digest, keyed
-from pipeline.config import ConfigError, build_config
+from pipeline.config import ConfigError
+from pipeline.sweep_config import STEP_OBJECTIVE_METRICS, SearcherConfig, SearchSpace, SchedulerConfig, SweepConfig
 from pipeline.sweep_journal import (
     JOURNAL,
     TrialJournal,
@@ -48,197 +52,10 @@ from pipeline.sweep_journal import (
     optuna_params,
     remaining_grid,
 )
+from pipeline.sweep_summary import best_trial, register_best, summary_markdown, summary_rows
 
 log = logging.getLogger("esft")
 EXPERIMENT = "tune"  # Tune's experiment directory name under <run_dir>/ray
-STEP_OBJECTIVE_METRICS = ("valid_loss", "general_loss")  # objectives that every validation step measures
-SCHEDULER_METRICS = ("valid_loss", "general_loss", "loss")  # what a Train report carries at every validation step
-
-
-@dataclass
-class SearchSpace:
-    """A grid: every selection below x every lr x every train_shared_experts value. The default
-    top-p values span the useful ranges (token scores are shares of routing slots, gate scores
-    absolute gate mass, so gate needs smaller p)."""
-
-    token_top_p: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
-    gate_top_p: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
-    experts_per_layer: list[int] = field(default_factory=list)  # the fixed-budget alternative
-    budget_score_functions: list[str] = field(default_factory=lambda: ["token"])  # ranks experts for the budget
-    lr: list[float] = field(default_factory=list)  # empty: the train section's learning rate
-    train_shared_experts: list[bool] = field(default_factory=lambda: [False])
-
-    def selections(self) -> list[dict]:
-        points = [{"score_function": "token", "top_p": p} for p in self.token_top_p]
-        points += [{"score_function": "gate", "top_p": p} for p in self.gate_top_p]
-        points += [{"score_function": f, "experts_per_layer": n}
-                   for f in self.budget_score_functions for n in self.experts_per_layer]
-        return points
-
-    def validate(self) -> None:
-        from esft.select import check_top_p
-
-        for p in self.token_top_p + self.gate_top_p:
-            check_top_p(p)
-        if any(not isinstance(n, int) or n < 1 for n in self.experts_per_layer):
-            raise ConfigError("tune: search.experts_per_layer must hold positive integers")
-        if any(f not in ("token", "gate") for f in self.budget_score_functions):
-            raise ConfigError("tune: search.budget_score_functions must be token and/or gate")
-        if any(not (isinstance(lr, (int, float)) and lr > 0) for lr in self.lr):
-            raise ConfigError("tune: search.lr values must be positive numbers")
-        if not self.selections():
-            raise ConfigError("tune: the search space is empty; give token_top_p, gate_top_p or experts_per_layer values")
-
-
-SELECTION_KINDS = ("token", "gate", "token_budget", "gate_budget")
-
-
-@dataclass
-class SearcherConfig:
-    """Model-based search instead of the grid: Optuna's TPE (through Tune's OptunaSearch) proposes
-    `num_samples` trials, each a selection kind and its setting drawn from that kind's [low, high]
-    range, learning from the finished trials (early-stopped ones count as pruned). Kinds: token / gate
-    (top-p over that score; token and gate ranges differ), token_budget / gate_budget (a fixed number of
-    experts per layer ranked by that score)."""
-
-    algorithm: str = "optuna"
-    num_samples: int = 8
-    startup_trials: int = 3  # random proposals before TPE models the finished trials
-    seed: int = 0
-    kinds: list[str] = field(default_factory=lambda: ["token", "gate"])
-    token_top_p: list[float] = field(default_factory=lambda: [0.05, 0.6])  # [low, high]
-    gate_top_p: list[float] = field(default_factory=lambda: [0.02, 0.4])
-    experts_per_layer: list[int] = field(default_factory=lambda: [1, 8])
-    lr: list[float] = field(default_factory=list)  # [low, high] on a log scale; empty: the train section's lr
-    train_shared_experts: list[bool] = field(default_factory=lambda: [False])  # [false, true]: searched on/off
-
-    def validate(self) -> None:
-        from esft.select import check_top_p
-
-        if self.algorithm != "optuna":
-            raise ConfigError(f"tune: searcher.algorithm {self.algorithm!r} is not known; "
-                              "use optuna (or leave searcher out for the grid)")
-        for name in ("num_samples", "startup_trials"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "num_samples" else 0):
-                raise ConfigError(f"tune: searcher.{name} must be a "
-                                  f"{'positive' if name == 'num_samples' else 'non-negative'} integer")
-        if not self.kinds or any(k not in SELECTION_KINDS for k in self.kinds):
-            raise ConfigError(f"tune: searcher.kinds must name some of {', '.join(SELECTION_KINDS)}")
-        for name in ("token_top_p", "gate_top_p", "experts_per_layer", "lr"):
-            values = getattr(self, name)
-            if name == "lr" and not values:
-                continue
-            if (len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-                    or values[0] > values[1]):
-                raise ConfigError(f"tune: searcher.{name} must be a range [low, high] with low <= high, got {values!r}")
-        for p in self.token_top_p + self.gate_top_p:
-            check_top_p(p)
-        if any(not isinstance(n, int) or n < 1 for n in self.experts_per_layer):
-            raise ConfigError("tune: searcher.experts_per_layer must be a range of positive integers")
-        if self.lr and self.lr[0] <= 0:
-            raise ConfigError("tune: searcher.lr must be a range of positive numbers")
-        if not self.train_shared_experts or any(not isinstance(v, bool) for v in self.train_shared_experts):
-            raise ConfigError("tune: searcher.train_shared_experts must list true and/or false")
-
-
-@dataclass
-class SchedulerConfig:
-    """Early stopping (Tune's ASHAScheduler) on a metric that every validation step reports. A trial
-    can be stopped at `grace_period` steps, then at grace_period x reduction_factor^k steps, when it is
-    not in the best 1/reduction_factor of the trials that reached that step; never at its last step
-    (a trial that trained to the end is evaluated)."""
-
-    algorithm: str = "asha"
-    metric: str = "valid_loss"  # valid_loss, general_loss, loss, or objective when the objective is a loss
-    mode: str | None = None  # default: min for losses, else the objective's mode
-    grace_period: int | None = None  # in training steps; default: the first validation (train.eval_every)
-    reduction_factor: float = 2.0
-
-    def validate(self, objective_per_step: bool) -> None:
-        if self.algorithm != "asha":
-            raise ConfigError(f"tune: scheduler.algorithm {self.algorithm!r} is not known; use asha")
-        if self.metric not in SCHEDULER_METRICS and not (self.metric == "objective" and objective_per_step):
-            raise ConfigError(f"tune: scheduler.metric must be one of {', '.join(SCHEDULER_METRICS)} (metrics every validation "
-                              "step reports), or objective when objective.metric is valid_loss or general_loss")
-        if self.mode not in (None, "min", "max"):
-            raise ConfigError("tune: scheduler.mode must be min or max")
-        if self.grace_period is not None and (not isinstance(self.grace_period, int) or self.grace_period < 1):
-            raise ConfigError("tune: scheduler.grace_period must be a positive number of training steps")
-        if not (isinstance(self.reduction_factor, (int, float)) and self.reduction_factor > 1):
-            raise ConfigError("tune: scheduler.reduction_factor must be greater than 1")
-
-
-@dataclass
-class SweepConfig:
-    name: str = "esft-sweep"  # also the registered model's name unless register.model_name is given
-    run_dir: str = "runs/sweep"
-    model: str = "embedded"
-    train_data: str | None = None
-    eval_data: str | None = None
-    general_data: str | None = None
-    tokenizer: str | None = None
-    trust_remote_code: bool = False
-    profile: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
-    search: dict = field(default_factory=dict)  # the grid (used when there is no searcher)
-    searcher: dict = field(default_factory=dict)  # model-based search instead of the grid (SearcherConfig)
-    scheduler: dict = field(default_factory=dict)  # early stopping (SchedulerConfig); empty: every trial runs to its end
-    objective: dict = field(default_factory=dict)  # metric, mode (max|min), general_loss_weight
-    max_concurrent_trials: int = 1
-    register: dict = field(default_factory=dict)  # model_name, tracking_uri, enabled, log_base_model, log_merged
-
-    def space(self) -> SearchSpace:
-        return build_config(SearchSpace, self.search, {}, where="tune: search")
-
-    def searcher_config(self) -> SearcherConfig | None:
-        return build_config(SearcherConfig, self.searcher, {}, where="tune: searcher") if self.searcher else None
-
-    def scheduler_config(self) -> SchedulerConfig | None:
-        return build_config(SchedulerConfig, self.scheduler, {}, where="tune: scheduler") if self.scheduler else None
-
-    def pipeline(self):
-        from pipeline.run import PipelineConfig
-
-        shared = {k: getattr(self, k) for k in ("name", "run_dir", "model", "train_data", "eval_data", "general_data",
-                                                "tokenizer", "trust_remote_code", "profile", "train", "eval")}
-        return PipelineConfig(**shared)
-
-    def objective_spec(self, eval_metrics: list[str]) -> tuple[str, str, float]:
-        """(metric, mode, general_loss_weight): the first eval metric by default, else validation loss."""
-        metric = self.objective.get("metric") or (eval_metrics[0] if eval_metrics else "valid_loss")
-        mode = self.objective.get("mode") or ("min" if metric.endswith("loss") else "max")
-        if mode not in ("max", "min"):
-            raise ConfigError("tune: objective.mode must be max or min")
-        return metric, mode, float(self.objective.get("general_loss_weight", 0.0))
-
-    def validate(self) -> None:
-        self.pipeline().validate("tune")
-        unknown = set(self.objective) - {"metric", "mode", "general_loss_weight"}
-        if unknown:
-            raise ConfigError(f"tune: unknown objective setting(s) {', '.join(sorted(unknown))}; "
-                              "known: metric, mode, general_loss_weight")
-        searcher = self.searcher_config()
-        if searcher:
-            if self.search:
-                raise ConfigError("tune: give either search (the grid) or searcher (model-based search), not both")
-            searcher.validate()
-        else:
-            self.space().validate()
-        scheduler = self.scheduler_config()
-        if scheduler:
-            scheduler.validate(objective_per_step=self.objective.get("metric") in STEP_OBJECTIVE_METRICS)
-        if int(self.max_concurrent_trials) < 1:
-            raise ConfigError("tune: max_concurrent_trials must be a positive integer")
-        from pipeline.register import check_register_settings
-
-        check_register_settings(self.register, {"model_name", "tracking_uri", "enabled"}, where="tune")
-
-    def fingerprint(self) -> str:
-        """What makes a run directory's sweep the same sweep (resume) or another one (sections this
-        version added count only when given, so sweeps started before it still resume)."""
-        settings = {k: v for k, v in asdict(self).items() if not (k in ("searcher", "scheduler") and not v)}
-        return digest({**settings, "run_dir": None})
 
 
 def cached_profile(profile_cfg, run: Path) -> Path:
@@ -271,13 +88,6 @@ def _claimed(lock_path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def select_for_trial(profile_dir: Path, selection: dict, train_shared_experts: bool):
-    from esft.select import load_layer_scores, select_experts
-
-    return select_experts(load_layer_scores(profile_dir, selection["score_function"]), top_p=selection.get("top_p"),
-                          experts_per_layer=selection.get("experts_per_layer"), shared_experts=train_shared_experts)
 
 
 def objective_value(metrics: dict, metric: str, mode: str, general_loss_weight: float) -> float:
@@ -374,16 +184,15 @@ def sweep_trainable(setup: dict):
     return tune.with_resources(trial_class, {"cpu": 0, "memory": 64 * 1024**2})
 
 
-def _run_train_reporting_to_tune(train_cfg, context: dict) -> dict:
-    """run_train with every Train report (one per validation step in a sweep) forwarded to this Tune trial."""
+def _run_train_reporting_to_tune(train_cfg, key: str, context: dict) -> dict:
+    """The training stage with every Train report (one per validation step in a sweep) forwarded to this
+    Tune trial."""
     from ray.util.queue import Queue
-
-    from pipeline.train import run_train
 
     _LIVE_TRAIN_RUN.update(handoff=Queue(actor_options={"num_cpus": 0}), aborted=False)
     callbacks = [ValidationToTune(context, _LIVE_TRAIN_RUN["handoff"])]
     try:
-        return run_train(train_cfg, callbacks=callbacks)
+        return stages.train(train_cfg, key, callbacks=callbacks)
     except Exception:
         if _LIVE_TRAIN_RUN.get("aborted"):
             raise _StoppedByTune() from None
@@ -396,9 +205,10 @@ class _StoppedByTune(Exception):
     """The Train run was aborted because Tune stopped the trial (the trial ends quietly)."""
 
 
-def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict, lr: float | None, context: dict) -> dict:
+def _train_and_evaluate(work: Path, key: str, expert_config, selection: dict, setup: dict, lr: float | None,
+                        context: dict) -> dict:
     from esft.report import save_selection_plot
-    from pipeline.evaluate import EvalConfig, run_eval
+    from pipeline.evaluate import EvalConfig
     from pipeline.train import TrainConfig
 
     expert_config.save(work / "expert_cfg.json")
@@ -408,16 +218,11 @@ def _train_and_evaluate(work: Path, expert_config, selection: dict, setup: dict,
     if lr is not None:
         train_cfg.lr = lr
     # An earlier attempt of this same selection (stopped early, or interrupted) continues from its checkpoint.
-    checkpoints = list((work / "train" / "ray" / "train").glob("checkpoint_*"))
-    train_cfg.resume = bool(checkpoints) and not (work / "train" / "metrics.json").exists()
-    if (work / "train").exists() and not train_cfg.resume:
-        shutil.rmtree(work / "train")
-    trained = _run_train_reporting_to_tune(train_cfg, context)
-    eval_cfg = EvalConfig(**{**setup["eval"], "adapter": str(work / "train" / "adapter"),
-                             "out": str(work / "eval" / "metrics.json")})
-    evaluated = run_eval(eval_cfg)
+    trained = _run_train_reporting_to_tune(train_cfg, key, context)
+    evaluated = stages.evaluate(EvalConfig(**{**setup["eval"], "adapter": str(work / "train" / "adapter"),
+                                              "out": str(work / "eval" / "metrics.json")}))
     return {
-        **{k: v for k, v in evaluated.items() if isinstance(v, (int, float))},
+        **evaluated,
         "valid_loss": trained.get("final_valid_loss"),
         "general_loss_during_training": trained.get("final_general_loss"),
         "trainable_parameters": trained["trainable_parameters"],
@@ -437,7 +242,8 @@ def run_trial(params: dict, setup: dict) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     run = Path(setup["run_dir"])
-    expert_config = select_for_trial(Path(setup["profile_dir"]), params["selection"], params["train_shared_experts"])
+    expert_config = stages.select(Path(setup["profile_dir"]), **params["selection"],
+                                  shared_experts=params["train_shared_experts"])
     experts = {layer: sorted(ids) for layer, ids in expert_config.experts.items()}  # order does not change training
     key = digest({"experts": experts, "shared": expert_config.shared_experts, "lr": params["lr"], "train": setup["train"]})
     work = run / "trials" / key
@@ -457,7 +263,7 @@ def run_trial(params: dict, setup: dict) -> None:
                 log.info("trial %s: same selection as trial %s, not retrained", trial_id, result["trained_by"])
         else:
             try:
-                trained = _train_and_evaluate(work, expert_config, params["selection"], setup, params["lr"], context)
+                trained = _train_and_evaluate(work, key, expert_config, params["selection"], setup, params["lr"], context)
             except _StoppedByTune:
                 log.info("trial %s: stopped by Tune; its Train run was aborted, its checkpoints kept", trial_id)
                 return
@@ -577,86 +383,6 @@ def make_scheduler(scheduler: SchedulerConfig, train: dict, objective_mode: str)
                          reduction_factor=scheduler.reduction_factor, max_t=train["steps"] - 1, stop_last_trials=False)
 
 
-def _describe(selection: dict) -> str:
-    return f"p={selection['top_p']:.4g}" if "top_p" in selection else f"n={selection['experts_per_layer']}"
-
-
-def _status(entry: dict) -> str:
-    values = entry["result"]
-    if entry["status"] == "failed":
-        return "failed: " + (entry.get("error") or "unknown error")[:80]
-    if entry["status"] == "running":
-        return "interrupted"
-    if not values.get("evaluated"):
-        return f"stopped early at step {values.get('step')}" if values.get("step") else "stopped early"
-    return f"same selection as {values['duplicate_of']}" if values.get("duplicate_of") else "trained"
-
-
-def summary_rows(entries: list[dict], metric: str) -> list[dict]:
-    """One row per journal entry (pipeline.sweep_journal): every trial of every driver life of the sweep."""
-    rows = []
-    for entry in entries:
-        config, values = entry["config"], entry["result"]
-        rows.append({
-            "trial": entry["trial_id"], "score_function": config["selection"]["score_function"],
-            "setting": _describe(config["selection"]), "selection": config["selection"], "lr": config.get("lr"),
-            "shared": config.get("train_shared_experts"), "experts": values.get("selected_experts"),
-            "metric": values.get(metric) if values.get("evaluated") else None,
-            "objective": values.get("objective"), "general_loss": values.get("general_loss"),
-            "valid_loss": values.get("valid_loss"), "status": _status(entry),
-            "work_dir": values.get("work_dir"), "trial_id": entry["trial_id"],
-        })
-    return rows
-
-
-def summary_markdown(rows: list[dict], metric: str, registered: dict | None) -> str:
-    def cell(value) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
-
-    lines = [f"| trial | score fn | setting | lr | shared | experts | {metric} | "
-             "objective | general loss | valid loss | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['trial']} | {r['score_function']} | {r['setting']} | {cell(r['lr']) or 'default'} | {cell(r['shared'])} | "
-              f"{cell(r['experts'])} | {cell(r['metric'])} | {cell(r['objective'])} | {cell(r['general_loss'])} | "
-              f"{cell(r['valid_loss'])} | {r['status']} |" for r in rows]
-    if registered:
-        lines += ["", (f"Registered: `models:/{registered['name']}/{registered['version']}` (champion alias "
-                      f"{'moved to it' if registered['champion'] else 'kept on the better earlier version'}); "
-                      f"tracking URI `{registered['tracking_uri']}`")]
-    return "\n".join(lines) + "\n"
-
-
-def _best(rows: list[dict], mode: str) -> dict | None:
-    """The best evaluated trial (early-stopped and failed ones never qualify)."""
-    finished = [r for r in rows if r["objective"] is not None and math.isfinite(r["objective"])
-                and (r["status"] == "trained" or r["status"].startswith("same selection"))]
-    if not finished:
-        return None
-    sign = -1 if mode == "max" else 1
-    return min(finished, key=lambda r: (sign * r["objective"], r["experts"] or 0))  # ties: fewer experts
-
-
-def _register_best(best: dict, tracker, config: SweepConfig, metric: str, mode: str, base_model: str, task: str,
-                   tokenizer: str | None) -> dict:
-    """The best trial's adapter, logged as an MLflow Model of its trial run and registered."""
-    from esft.adapter import adapter_summary
-    from pipeline.register import ModelLogging, log_models, mlflow_client, register_version
-
-    trained_by = json.loads((Path(best["work_dir"]) / "result.json").read_text())["trained_by"]
-    run_id = tracker.trial_run_id(trained_by)
-    client = mlflow_client(tracker.tracking_uri)
-    adapter = Path(best["work_dir"]) / "train" / "adapter"
-    model_id, model_tags = log_models(client, run_id, adapter, base_model, tokenizer, ModelLogging.from_settings(config.register),
-                                      config.trust_remote_code)
-    tags = {"base_model": base_model, "family": adapter_summary(adapter)["family"], "task": task,
-            "score_function": best["score_function"], "selection": best["setting"],
-            "top_p": str(best["selection"].get("top_p")), "selected_experts": str(best["experts"]),
-            "sweep": config.name, **model_tags}
-    registration = register_version(client, config.register.get("model_name") or config.name, model_id, run_id, metric,
-                                    float(best["metric"]), tags, tracker.tracking_uri, higher_is_better=mode == "max")
-    return asdict(registration)
-
-
 def _sweep_state(run: Path, fingerprint: str, inputs_key: str, restart: bool) -> tuple[dict, dict[str, dict]]:
     """Whether this run directory holds the same sweep (resume: its state and trial journal) or must
     start over. `inputs_key`: the model and data by content (a state written before it was kept
@@ -708,19 +434,14 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
 
     from pipeline.cluster import ensure_ray
     from pipeline.register import artifact_root, default_tracking_uri
-    from pipeline.run import prepare_embedded
+    from pipeline.run import EMBEDDED, prepare_embedded
     from pipeline.tracking import SweepTracker, finish_parent_run, start_parent_run
 
     config.validate()
     run = Path(config.run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
-    pipeline = config.pipeline()
-    if config.model == "embedded":
-        inputs = prepare_embedded(run / "assets")
-    else:
-        inputs = {"model": config.model, "train_data": config.train_data, "eval_data": config.eval_data,
-                  "general_data": config.general_data}
-    profile_cfg, train_cfg, eval_cfg = pipeline.stage_configs(inputs["model"], inputs, run)
+    inputs = prepare_embedded(run / "assets") if config.model == EMBEDDED else config.inputs(run)
+    profile_cfg, train_cfg, eval_cfg = config.stage_configs(inputs["model"], inputs, run, source="tune")
     train_cfg.validate()
     eval_cfg.validate()
     metric, mode, weight = config.objective_spec(eval_cfg.metric)
@@ -778,10 +499,10 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
         tuner.fit()
     fit_seconds = time.perf_counter() - started
     rows = summary_rows(list(trial_journal.entries.values()), metric)
-    best = _best(rows, mode)
+    best = best_trial(rows, mode)
     registered = None
     if best and config.register.get("enabled", True):
-        registered = _register_best(best, tracker, config, metric, mode, inputs["model"], Path(str(inputs["train_data"])).stem,
+        registered = register_best(best, tracker, config, metric, mode, inputs["model"], Path(str(inputs["train_data"])).stem,
                                     config.tokenizer)
     markdown = summary_markdown(rows, metric, registered)
     atomic_write_text(run / "sweep_summary.md", markdown)

@@ -13,15 +13,16 @@ from pathlib import Path
 
 
 def loop_dying_once_after(step: int, rank: int, marker: Path) -> Callable[[dict], None]:
-    """A stand-in for `pipeline.train.train_loop_per_worker` (monkeypatch it in the driver before
+    """A stand-in for `pipeline.train_worker.train_loop_per_worker` (monkeypatch the name
+    `pipeline.train.train_loop_per_worker`, which the driver starts, before
     `run_train`): the real loop, except that worker `rank` exits right after its step-`step`
     checkpoint was reported, once (`marker` remembers it across the replacement worker). A closure,
     so Ray ships it by value: the workers need not import this test module."""
 
     def loop(loop_config: dict) -> None:
-        import pipeline.train as train
+        import pipeline.train_worker as worker
 
-        report = train._save_and_report
+        report = worker._save_and_report
 
         def report_then_die(*args) -> None:
             report(*args)
@@ -31,11 +32,11 @@ def loop_dying_once_after(step: int, rank: int, marker: Path) -> Callable[[dict]
                 time.sleep(3)  # let the controller register this step's checkpoint before the worker dies
                 os._exit(1)
 
-        train._save_and_report = report_then_die
+        worker._save_and_report = report_then_die
         try:
-            train.train_loop_per_worker(loop_config)
+            worker.train_loop_per_worker(loop_config)
         finally:
-            train._save_and_report = report
+            worker._save_and_report = report
 
     return loop
 

@@ -12,7 +12,7 @@ def test_cpu_workers_never_build_or_wait_for_the_shared_memory_op(tmp_path, monk
     from deepspeed.comm.torch import build_shm_op
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
-    from pipeline.train import _without_shared_memory_all_reduce
+    from pipeline.train_worker import _without_shared_memory_all_reduce
 
     # What a compile killed half-way leaves behind: torch's build lock, and no module.
     extensions = tmp_path / "torch_extensions"

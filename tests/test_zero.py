@@ -6,7 +6,7 @@ One ZeRO-2 run of 4 steps is the reference; it keeps its step-2 checkpoint, expo
 ZeRO-1 and the first half of a ZeRO-3 run are compared at step 2, and the resumed ZeRO-3 run at
 step 4. ZeRO-3 partitions every tensor, frozen ones included, across the workers: the first MoE
 layer with selected experts (nothing below it trains) is where it used to fail
-(pipeline.train.make_experts_zero3_leaves)."""
+(pipeline.train_worker.make_experts_zero3_leaves)."""
 
 from __future__ import annotations
 
