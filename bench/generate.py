@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from esft.demo import synthetic  # noqa: E402
-from esft.tiny import save_shaped_model  # noqa: E402
+from esft.testing import save_shaped_model  # noqa: E402
 from pipeline.evaluate import EvalConfig, Generator, read_eval_rows, run_eval  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "profile_model.json"

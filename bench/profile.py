@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from esft.data import pack_samples, read_conversations, tokenize_conversations  # noqa: E402
 from esft.families import moe_layers  # noqa: E402
 from esft.routing import routing_hooks  # noqa: E402
-from esft.tiny import save_shaped_model  # noqa: E402
+from esft.testing import save_shaped_model  # noqa: E402
 from pipeline.profile import ProfileConfig, run_profile  # noqa: E402
 from esft.demo import synthetic  # noqa: E402
 

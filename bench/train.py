@@ -39,7 +39,7 @@ from esft.data import pack_samples, read_conversations, tokenize_conversations  
 from esft.families import fused_expert_params, moe_layers  # noqa: E402
 from esft.scores import empty_scores_for, layer_score_dict, profile_batch  # noqa: E402
 from esft.select import select_experts  # noqa: E402
-from esft.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from esft.testing import tiny_model, tiny_tokenizer  # noqa: E402
 from esft.demo import synthetic  # noqa: E402
 from pipeline.train import EXPORT_DIR, TrainConfig, run_train  # noqa: E402
 

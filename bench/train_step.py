@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from esft.scores import layer_score_dict, profile_batch  # noqa: E402
 from esft.select import select_experts  # noqa: E402
-from esft.tiny import tiny_model  # noqa: E402
+from esft.testing import tiny_model  # noqa: E402
 from esft.trainable import apply_expert_config  # noqa: E402
 from esft.training import make_optimizer  # noqa: E402
 

@@ -13,8 +13,6 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from esft.errors import EsftError
 from esft.families import FAMILIES, UnsupportedModelError, family_of, fused_expert_params, moe_layers, num_experts, top_k
-from esft.tiny import FAMILIES as TINY_FAMILIES
-from esft.tiny import tiny_model
 
 TINY_PREFIX = "tiny:"
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,6 +26,9 @@ def load_model(
     only), or one of the built-in random tiny models (`tiny:<family>`, for tests and demos). Checks
     it is a supported MoE."""
     if name_or_path.startswith(TINY_PREFIX):
+        from esft.testing import FAMILIES as TINY_FAMILIES
+        from esft.testing import tiny_model
+
         family = name_or_path[len(TINY_PREFIX):]
         if family not in TINY_FAMILIES:
             raise UnsupportedModelError(f"unknown tiny model {name_or_path!r}; use tiny:<family> with one of "

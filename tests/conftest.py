@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esft.tiny import FAMILIES, tiny_model, tiny_tokenizer
+from esft.testing import FAMILIES, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(params=FAMILIES)

@@ -14,7 +14,7 @@ from esft.adapter import AdapterError, adapter_summary, check_adapter, load_adap
 from esft.families import moe_layers
 from esft.numerics import forward_tolerance
 from esft.select import ExpertConfig
-from esft.tiny import tiny_model
+from esft.testing import tiny_model
 from esft.trainable import apply_expert_config, merge_adapter
 from pipeline.cli import main as esft
 

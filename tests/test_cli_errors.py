@@ -13,7 +13,7 @@ import pytest
 
 from esft.data import DataError
 from esft.errors import EsftError
-from esft.tiny import tiny_model
+from esft.testing import tiny_model
 from pipeline.cli import main as esft
 from tests.conftest import save_model_with_tokenizer, write_jsonl
 

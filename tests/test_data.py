@@ -29,7 +29,7 @@ from esft.data import (
     read_conversations,
     tokenize_conversations,
 )
-from esft.tiny import tiny_tokenizer
+from esft.testing import tiny_tokenizer
 
 X = IGNORE_INDEX
 BOS, EOS, PAD = 0, 1, 2

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from esft.families import FAMILIES, UnsupportedModelError, moe_layers, num_experts, top_k
 from esft.model import describe, load_model
-from esft.tiny import TINY_OVERRIDES, tiny_model
+from esft.testing import TINY_OVERRIDES, tiny_model
 from pipeline.cli import main as esft
 
 EXPECTED_LAYERS = {

@@ -44,7 +44,7 @@ def test_merge_check_accepts_rounding_and_refuses_a_real_difference(batch):
 
     import pytest
 
-    from esft.tiny import tiny_model
+    from esft.testing import tiny_model
     from esft.demo.quickstart import _check_merged
 
     input_ids, _ = batch

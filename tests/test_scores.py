@@ -11,7 +11,7 @@ import torch
 from esft.families import family_of, moe_layers
 from esft.routing import capture_routing
 from esft.scores import ExpertScores, RowSums, ScoresError, add_rows, layer_row_sums, profile_batch
-from esft.tiny import tiny_model
+from esft.testing import tiny_model
 
 
 def hand_built_scores() -> ExpertScores:

@@ -10,7 +10,7 @@ import torch
 from esft.families import moe_layers, num_experts
 from esft.numerics import Tolerance, forward_tolerance
 from esft.select import ExpertConfig, SelectionError
-from esft.tiny import tiny_model
+from esft.testing import tiny_model
 from esft.trainable import apply_expert_config, merge_adapter
 
 

@@ -54,6 +54,7 @@ from transformers import (
 )
 
 from esft.demo import synthetic
+from esft.demo.tokenizer import train_bpe_tokenizer
 from esft.data import (
     PROMPT_ASSISTANT,
     PROMPT_USER,
@@ -74,7 +75,6 @@ from esft.report import (
     selection_jaccard,
 )
 from esft.scores import ExpertScores, empty_scores_for, profile_batch
-from esft.tiny import tiny_tokenizer
 from esft.training import PAPER_BETAS, PAPER_GRAD_CLIP, PAPER_WEIGHT_DECAY, mean_loss
 
 log = logging.getLogger("esft")
@@ -222,7 +222,7 @@ def mini_moe_config(vocab_size: int, recipe: PretrainRecipe | None = None) -> Pr
         routed_scaling_factor=1.0,
         max_position_embeddings=recipe.seq_len,  # the context it is pretrained on; longer inputs degrade
         tie_word_embeddings=False,
-        bos_token_id=0,  # tiny_tokenizer's special tokens
+        bos_token_id=0,  # esft.demo.tokenizer's special tokens
         eos_token_id=1,
         pad_token_id=2,
     )
@@ -757,7 +757,7 @@ def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablatio
         started = time.perf_counter()
         torch.manual_seed(recipe.seed)
         documents = pretraining_corpus(recipe)
-        tokenizer = tiny_tokenizer(tokenizer_texts(documents, recipe), vocab_size=recipe.vocab_size)
+        tokenizer = train_bpe_tokenizer(tokenizer_texts(documents, recipe), vocab_size=recipe.vocab_size)
         blocks, mix = token_blocks(documents, tokenizer, recipe)
         del documents  # millions of small Python objects the training loop does not need
         log.info("pretraining data: %d documents, %d tokens (%.1f%% raw text) -> %d blocks of %d tokens "

@@ -1,7 +1,8 @@
-"""Tiny MoE models and a tiny tokenizer, built from configs in memory (no downloads).
-
-Used by the tests, the benchmarks and the quickstart until the project's own pretrained model
-exists. Each config builds and trains on a CPU in well under a second per step.
+"""Tiny MoE models and tokenizers built from configs in memory (no downloads), for the tests, the
+benchmarks and the `tiny:<family>` model names (a random model of each supported family, for
+trying the CLI). The method and the pipeline never import this module; `esft.model.load_model`
+imports it only when a `tiny:` name is asked for. Each config builds and trains on a CPU in well
+under a second per step.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from esft.demo.tokenizer import train_bpe_tokenizer
 from esft.families import UnsupportedModelError
 
 _COMMON = dict(
@@ -23,7 +24,7 @@ _COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
     tie_word_embeddings=False,
-    # Match tiny_tokenizer's special tokens: <s>=0, </s>=1, <pad>=2.
+    # Match the BPE tokenizers' special tokens (esft.demo.tokenizer): <s>=0, </s>=1, <pad>=2.
     bos_token_id=0,
     eos_token_id=1,
     pad_token_id=2,
@@ -93,23 +94,9 @@ def _spread_routers(model: PreTrainedModel, seed: int) -> None:
                 )
 
 
-SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-
-
 def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 1000) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in memory on `texts` (a small default corpus if None)."""
-    corpus = texts or _DEFAULT_CORPUS
-    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    return train_bpe_tokenizer(texts or _DEFAULT_CORPUS, vocab_size)
 
 
 _DEFAULT_CORPUS = [
