@@ -90,6 +90,7 @@ BALANCE_SCOPES = ("batch", "sequence", "global")
 # The router: DeepSeek-V2's (softmax scores, top-k) or DeepSeek-V3's (sigmoid scores, top-k chosen
 # with a per-expert selection bias, the chosen scores renormalised), both in the same proportions.
 ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
+ARCHITECTURE_NAMES = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}  # for the card
 
 
 @dataclass
@@ -573,23 +574,27 @@ ABLATION_SAME = ("seed", "general_rows", "task_rows", "raw_documents", "held_out
                  "expert_width", "batch_rows", "seq_len", "lr")
 
 
+def _loss_scope(recipe: dict) -> str:
+    """Over which tokens the balance loss counts load: batch-level, sequence-level, global over N batches."""
+    if recipe["balance_scope"] == "global":
+        return f"global ({recipe['balance_window']} batches)"
+    return f"{recipe['balance_scope']}-level"
+
+
 def balance_description(recipe: dict) -> str:
-    """How a recipe balanced expert load, for the card: batch-level, sequence-level, or global over N
-    batches (the balance loss's scope), or DeepSeek-V3's bias updates, with the loss's scope when
-    the loss is on too."""
-    loss = (f"global ({recipe['balance_window']} batches)" if recipe["balance_scope"] == "global"
-            else f"{recipe['balance_scope']}-level")
+    """How a recipe balanced expert load, for the card: the balance loss's scope, or DeepSeek-V3's
+    bias updates, with the loss's scope when the loss is on too."""
     rate = recipe.get("bias_update_rate", 0.0)  # absent in reports written before the knob existed
     if not rate:
-        return loss
-    return f"bias updates {rate}" + (f" + {loss} loss" if recipe["balance_loss_coef"] else "")
+        return _loss_scope(recipe)
+    return f"bias updates {rate}" + (f" + {_loss_scope(recipe)} loss" if recipe["balance_loss_coef"] else "")
 
 
 def architecture_description(recipe: dict) -> str:
     """The router and attention of a recipe, for the card: "DeepSeek-V2", or e.g. "DeepSeek-V2, 3 of
     8 expert groups, kv latent 64" where routing and attention differ from the default recipe's."""
     default = PretrainRecipe()
-    name = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}[recipe.get("architecture", default.architecture)]
+    name = ARCHITECTURE_NAMES[recipe.get("architecture", default.architecture)]
     groups, per_token = recipe.get("expert_groups", 1), recipe.get("groups_per_token", 1)
     heads, latent = recipe.get("attention_heads", default.attention_heads), recipe.get("kv_lora_rank", default.kv_lora_rank)
     return ", ".join([name, *([f"{per_token} of {groups} expert groups"] if groups > 1 else []),
@@ -629,8 +634,7 @@ def _router_description(config: dict) -> str:
 
 def _balancing_sentence(recipe: dict) -> str:
     """How the card's recipe line states expert balancing."""
-    scope = balance_description({**recipe, "bias_update_rate": 0})
-    loss = f"{scope} balance loss x {coefficient_description(recipe, recipe['steps'])}"
+    loss = f"{_loss_scope(recipe)} balance loss x {coefficient_description(recipe, recipe['steps'])}"
     rate = recipe.get("bias_update_rate", 0.0)
     if not rate:
         return loss
@@ -643,7 +647,7 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
     layers = spec["layers"]
     lines = [
         f"# {MODEL_NAME}", "",
-        (f"A small {architecture_description({'architecture': recipe.get('architecture', 'deepseek_v2')})}-architecture MoE "
+        (f"A small {ARCHITECTURE_NAMES[recipe.get('architecture', 'deepseek_v2')]}-architecture MoE "
          "in DeepSeek-V2-Lite's proportions, pretrained by the ESFT project's recipe "
          "(`esft pretrain`, module `esft/demo/pretrain.py`) on generated data (`esft/demo/synthetic.py`). "
          "It exists so that ESFT's effects can be shown and tested on a CPU without downloads: its experts "
