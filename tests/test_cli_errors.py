@@ -89,6 +89,17 @@ def test_a_missing_model_directory_is_one_line(tmp_path, capsys):
     assert "no model directory at" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--expert-groups", "5"], "expert_groups must divide routed_experts"),
+    (["--bias-update-rate", "0.01"], "bias_update_rate must be >= 0, and > 0 only with architecture deepseek_v3"),
+    (["--steps", "0"], "steps must be a positive integer"),
+])
+def test_a_bad_pretraining_recipe_is_one_line_before_anything_is_written(tmp_path, capsys, flags, message):
+    assert esft(["pretrain", "--out", str(tmp_path / "model"), *flags]) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "model").exists()
+
+
 def test_an_unknown_model_type_is_one_line(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()

@@ -55,6 +55,7 @@ from transformers import (
 
 from esft.demo import synthetic
 from esft.demo.tokenizer import train_bpe_tokenizer
+from esft.errors import EsftError
 from esft.data import (
     PROMPT_ASSISTANT,
     PROMPT_USER,
@@ -158,26 +159,26 @@ class PretrainRecipe:
                      "routed_experts", "experts_per_token", "shared_experts", "expert_width", "attention_heads",
                      "kv_lora_rank", "expert_groups", "groups_per_token"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"pretrain: {name} must be a positive integer")
+                raise EsftError(f"pretrain: {name} must be a positive integer")
         if self.layers < 2 or self.experts_per_token > self.routed_experts:
-            raise ValueError("pretrain: need layers >= 2 (one dense, then MoE) and experts_per_token <= routed_experts")
+            raise EsftError("pretrain: need layers >= 2 (one dense, then MoE) and experts_per_token <= routed_experts")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.balance_loss_coef < 0:
-            raise ValueError("pretrain: lr must be > 0, min_lr_ratio in [0, 1] and balance_loss_coef >= 0")
+            raise EsftError("pretrain: lr must be > 0, min_lr_ratio in [0, 1] and balance_loss_coef >= 0")
         if not 0 <= self.balance_decay_start <= 1:
-            raise ValueError(f"pretrain: balance_decay_start must be in [0, 1], got {self.balance_decay_start}")
+            raise EsftError(f"pretrain: balance_decay_start must be in [0, 1], got {self.balance_decay_start}")
         if self.routed_experts % self.expert_groups or self.groups_per_token > self.expert_groups or (
                 self.groups_per_token * self.routed_experts // self.expert_groups < self.experts_per_token):
-            raise ValueError("pretrain: expert_groups must divide routed_experts, and groups_per_token groups must hold "
+            raise EsftError("pretrain: expert_groups must divide routed_experts, and groups_per_token groups must hold "
                              "at least experts_per_token experts (and be at most expert_groups)")
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"pretrain: architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+            raise EsftError(f"pretrain: architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.bias_update_rate < 0 or (self.bias_update_rate > 0 and self.architecture != "deepseek_v3"):
-            raise ValueError("pretrain: bias_update_rate must be >= 0, and > 0 only with architecture deepseek_v3 "
+            raise EsftError("pretrain: bias_update_rate must be >= 0, and > 0 only with architecture deepseek_v3 "
                              "(DeepSeek-V2's router has no selection bias)")
         if self.balance_scope not in BALANCE_SCOPES:
-            raise ValueError(f"pretrain: balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance_scope!r}")
+            raise EsftError(f"pretrain: balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance_scope!r}")
         if min(self.task_rows, self.raw_documents, self.held_out_raw_documents) < 0:
-            raise ValueError("pretrain: task_rows, raw_documents and held_out_raw_documents must be >= 0")
+            raise EsftError("pretrain: task_rows, raw_documents and held_out_raw_documents must be >= 0")
 
 
 PRESETS: dict[str, PretrainRecipe] = {
