@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from esft.demo import synthetic  # noqa: E402
 from esft.data import PROMPT_ASSISTANT, PROMPT_USER  # noqa: E402
 from esft.io import atomic_write_text  # noqa: E402
-from esft.metrics import CORPUS, PER_SAMPLE, clean_prediction  # noqa: E402
+from esft.metrics import CORPUS, PER_SAMPLE, clean_prediction, unit_scale  # noqa: E402
 from esft.demo.pretrain import ASSET_DIR, MAX_NEW_TOKENS, domain_batches  # noqa: E402
 from esft.report import selection_jaccard  # noqa: E402
 from esft.scores import SCORES_FILENAME, ExpertScores  # noqa: E402
@@ -168,12 +168,12 @@ def load_trained(method: str, export: Path | None):
 
 
 def row_scores(task: str, predictions: list[str], answers: list[str]) -> list[float]:
-    """The task metric of each eval row, in [0, 1] (chrF: sentence-level, scaled)."""
+    """The task metric of each eval row, in [0, 1] (corpus metrics on the one row: sentence-level)."""
     metric = synthetic.METRIC[task]
     cleaned = [clean_prediction(p) for p in predictions]
     if metric in PER_SAMPLE:
         return [float(PER_SAMPLE[metric](p, [a])) for p, a in zip(cleaned, answers)]
-    return [float(CORPUS[metric]([p], [[a]])) / 100 for p, a in zip(cleaned, answers)]
+    return [unit_scale(metric, float(CORPUS[metric]([p], [[a]]))) for p, a in zip(cleaned, answers)]
 
 
 def answer_rows(model, tokenizer, task: str, n: int) -> list[float]:

@@ -127,6 +127,12 @@ CORPUS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {
     "chrf": chrf,
 }
 METRICS = tuple(PER_SAMPLE) + tuple(CORPUS)
+PERCENT_METRICS = ("bleu", "chrf")  # sacrebleu reports these in [0, 100]; every other metric is in [0, 1]
+
+
+def unit_scale(metric: str, value: float) -> float:
+    """A metric's value in [0, 1], whichever scale its library reports."""
+    return value / 100 if metric in PERCENT_METRICS else value
 
 
 def score(predictions: Sequence[str], answers: Sequence[Sequence[str]], metrics: Sequence[str]) -> dict[str, float]:

@@ -57,6 +57,10 @@ def test_row_scores_per_metric(fidelity):
     assert fidelity.row_scores("code", ["16", " 17"], ["16", "16"]) == [1.0, 0.0]
     perfect, partial = fidelity.row_scores("translation", ["te pesepu nova", "te"], ["te pesepu nova", "te pesepu nova"])
     assert perfect == pytest.approx(1.0) and 0.0 < partial < 1.0
+    # ROUGE-L is already in [0, 1] (only sacrebleu's metrics are percentages): a perfect summary scores 1
+    summary = "Captain Ana Weber unveiled a bronze statue in Ashford on Monday."
+    perfect, partial = fidelity.row_scores("summary", [summary, "Captain Ana Weber"], [summary, "Captain Ana Weber spoke"])
+    assert perfect == pytest.approx(1.0) and partial == pytest.approx(2 * 1.0 * 0.75 / 1.75)  # P 3/3, R 3/4
 
 
 def test_control_selections(fidelity, tmp_path, monkeypatch):

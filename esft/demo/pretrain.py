@@ -67,7 +67,7 @@ from esft.data import (
 )
 from esft.generation import generate_batch
 from esft.io import atomic_directory, atomic_write_text
-from esft.metrics import score
+from esft.metrics import score, unit_scale
 from esft.report import (
     effective_experts,
     experts_sets,
@@ -491,7 +491,7 @@ def task_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, see
         predictions = [p for i in range(0, len(prompts), 50)
                        for p in generate_batch(model, tokenizer, prompts[i : i + 50], MAX_NEW_TOKENS[task], ["\n\n", "User:"])]
         value = score(predictions, answers, [synthetic.METRIC[task]])[synthetic.METRIC[task]]
-        results[task] = round(value / 100 if synthetic.METRIC[task] in ("chrf", "bleu") else value, 4)
+        results[task] = round(unit_scale(synthetic.METRIC[task], value), 4)
     return results
 
 
