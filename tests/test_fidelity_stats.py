@@ -88,3 +88,52 @@ def test_control_selections(fidelity, tmp_path, monkeypatch):
     for draw in draws:
         assert all(len(draw[layer]) == len(relevant[layer]) and not set(draw[layer]) & set(relevant[layer]) for layer in relevant)
     assert select("esft_random", 0) == draws[0]  # reproducible
+
+
+def test_summary_of_hand_built_cells(fidelity, tmp_path, monkeypatch):
+    """summarise + markdown over one task and seed whose per-row scores are chosen so that every ratio
+    is known by hand; the chosen learning rate is the one with the lowest validation loss."""
+    monkeypatch.setattr(fidelity, "stability", lambda out, tasks, seeds: {"math": {"seeds": 1.0}})
+    aligned = lambda value: {d: [value] * 4 for d in fidelity.ALIGNED}  # noqa: E731
+    results = [{"cell": "math/s0/vanilla", "task": "math", "seed": 0, "method": "vanilla", "lr": None, "draw": 0,
+                "task_rows": [0.0] * 4, "aligned_rows": aligned(0.8), "task_metric": 0.0, "aligned_metric": 0.8,
+                "general_loss": 1.0, "valid_loss": None}]
+
+    def cell(method, lr, task_rows, aligned_value, valid_loss, draw=0):
+        name = fidelity.Cell("math", 0, method, lr, draw).name
+        results.append({"cell": name, "task": "math", "seed": 0, "method": method, "lr": lr, "draw": draw,
+                        "task_rows": task_rows, "aligned_rows": aligned(aligned_value),
+                        "task_metric": float(np.mean(task_rows)), "aligned_metric": aligned_value,
+                        "general_loss": 1.0 + (0.8 - aligned_value), "valid_loss": valid_loss})
+        (tmp_path / "cells" / name).mkdir(parents=True)  # where run_cell finds a finished cell
+        (tmp_path / "cells" / name / "result.json").write_text(json.dumps(results[-1]))
+
+    for method, grid in fidelity.GRID.items():  # the middle rate is the chosen one (lowest validation loss)
+        for lr, valid_loss in zip(grid, (0.5, 0.3, 0.4)):
+            chosen = lr == grid[1]
+            rows = {"fft": [1.0, 1.0, 1.0, 0.0], "lora": [1.0, 0.0, 0.0, 0.0], "esft_token": [1.0, 1.0, 0.0, 0.0],
+                    "esft_gate": [1.0, 1.0, 1.0, 0.0]}[method] if chosen else [0.0] * 4
+            forgetting = {"fft": 0.4, "lora": 0.2, "esft_token": 0.1, "esft_gate": 0.1}[method] if chosen else 0.0
+            cell(method, lr, rows, 0.8 - forgetting, valid_loss)
+    token_lr = fidelity.GRID["esft_token"][1]
+    cell("esft_gate_matched", token_lr, [1.0, 0.0, 0.0, 0.0], 0.7, None)
+    cell("esft_least", token_lr, [0.0] * 4, 0.7, None)
+    for draw in range(fidelity.RANDOM_DRAWS):
+        cell("esft_random", token_lr, [1.0, 0.0, 0.0, 0.0] if draw == 0 else [0.0] * 4, 0.7, None, draw)
+
+    rates = fidelity.chosen_rates(tmp_path, ["math"])  # read back from the finished cells, nothing trained
+    assert rates == {"math": {method: grid[1] for method, grid in fidelity.GRID.items()}}
+    summary = fidelity.summarise(results, rates, ["math"], [0], tmp_path)
+    ratios = summary["ratios"]
+    assert ratios["task_metric_esft_token_over_fft"] == pytest.approx(0.5 / 0.75, abs=1e-3)
+    assert ratios["task_metric_esft_gate_over_fft"] == pytest.approx(1.0)
+    assert ratios["task_metric_esft_token_over_lora"] == pytest.approx(2.0)
+    assert ratios["forgetting_esft_token_over_fft"] == pytest.approx(0.25)
+    # random experts: the mean over draws per row is [1/3, 0, 0, 0]; token - random = [2/3, 1, 0, 0]
+    mean, low, high = summary["raw"]["ci95"]["esft_token_minus_esft_random"]
+    assert mean == pytest.approx((2 / 3 + 1) / 4, abs=1e-4) and low <= mean <= high
+    assert summary["raw"]["task_metric"]["esft_least"] == 0.0
+    assert summary["raw"]["at_esft_token_forgetting"]["esft_token"] == pytest.approx(0.5)  # its own curve at its own point
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    text = fidelity.markdown(summary)
+    assert "| esft_token | 0.500 | +0.100 |" in text and "task_metric_esft_token_over_fft" in text
