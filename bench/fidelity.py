@@ -225,7 +225,9 @@ def chosen_rates(out: Path, tasks: list[str]) -> dict[str, dict[str, float]]:
         chosen[task] = {}
         for method, grid in GRID.items():
             losses = {lr: run_cell(out, Cell(task, 0, method, lr))["valid_loss"] for lr in grid}
-            chosen[task][method] = min(grid, key=lambda lr: (losses[lr], lr))
+            # a diverged run (NaN or no loss) is never chosen
+            finite = {lr: loss if loss is not None and np.isfinite(loss) else float("inf") for lr, loss in losses.items()}
+            chosen[task][method] = min(grid, key=lambda lr: (finite[lr], lr))
     return chosen
 
 
@@ -236,15 +238,31 @@ def seed_cells(task: str, seed: int, rates: dict[str, float]) -> list[Cell]:
             *(Cell(task, seed, "esft_random", token_lr, draw) for draw in range(RANDOM_DRAWS))]
 
 
-def bootstrap_diff(a: dict[tuple, list[float]], b: dict[tuple, list[float]], seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a - b over strata (task, seed) of paired rows, and its 95% paired-bootstrap interval
-    (rows resampled within each stratum, strata averaged)."""
+def prompt_clusters(task: str, n: int) -> list[int]:
+    """Per eval row, the id of its prompt: the eval split repeats some prompts (e.g. 347 distinct among
+    code's 500), and a model answers a repeated prompt identically, so repeats are one observation."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(r["messages"][0]["content"], len(ids)) for r in synthetic.rows(task, n, seed=0, split="eval")]
+
+
+def bootstrap_diff(a: dict[tuple, list[float]], b: dict[tuple, list[float]], clusters: dict[str, list[int]] | None = None,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over (task, seed) strata of paired rows, and its 95% paired-bootstrap interval.
+    Every seed scores the same eval rows, so a resample draws rows once per task and applies the draw
+    to every seed (the per-row difference averaged over seeds); rows sharing a prompt (`clusters`:
+    per task, a cluster id per row; default: every row its own) are drawn together. Tasks are averaged."""
     rng = np.random.default_rng(seed)
     means, samples = [], []
-    for key in sorted(a):
-        diff = np.asarray(a[key]) - np.asarray(b[key])
+    for task in sorted({task for task, _ in a}):
+        diff = np.mean([np.asarray(a[key]) - np.asarray(b[key]) for key in sorted(a) if key[0] == task], axis=0)
+        cluster = np.asarray(clusters[task] if clusters else range(len(diff)))
+        if len(cluster) != len(diff):
+            raise ValueError(f"{task}: {len(cluster)} cluster ids for {len(diff)} rows")
+        ids, inverse = np.unique(cluster, return_inverse=True)
+        sums, sizes = np.bincount(inverse, weights=diff), np.bincount(inverse).astype(float)
+        draws = rng.integers(0, len(ids), (BOOTSTRAP, len(ids)))
         means.append(diff.mean())
-        samples.append(diff[rng.integers(0, len(diff), (BOOTSTRAP, len(diff)))].mean(axis=1))
+        samples.append(sums[draws].sum(axis=1) / sizes[draws].sum(axis=1))
     resampled = np.mean(samples, axis=0)
     return float(np.mean(means)), float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))
 
@@ -277,7 +295,11 @@ def matched_forgetting(grid_points: dict[str, list[tuple[float, float]]], level:
     curve (None when the level is outside what its grid reached)."""
     matched = {}
     for method, points in grid_points.items():
-        xs, ys = zip(*sorted(points))
+        by_x: dict[float, list[float]] = {}
+        for x, y in points:  # rates that forget equally (coarse aligned metrics): their mean metric
+            by_x.setdefault(x, []).append(y)
+        xs = sorted(by_x)
+        ys = [float(np.mean(by_x[x])) for x in xs]
         matched[method] = float(np.interp(level, xs, ys)) if xs[0] <= level <= xs[-1] else None
     return matched
 
@@ -297,6 +319,9 @@ def stability(out: Path, tasks: list[str], seeds: list[int]) -> dict:
                                                    for i, a in enumerate(group) for b in group[i + 1 :]])), 4)
                         for name, group in (("seeds", by_seed), ("token_budgets", by_budget), ("replicas", by_replicas))
                         if len(group) > 1}
+        # the largest budget can exceed what the 2,000 training rows hold: the tokens each profile really saw
+        result[task]["token_budgets_used"] = [ExpertScores.load(profile_dir(out, task, 0, tokens) / SCORES_FILENAME).total_tokens
+                                              for tokens in (8192, 32768, 131072)]
     return result
 
 
@@ -307,16 +332,21 @@ def summarise(results: list[dict], rates: dict, tasks: list[str], seeds: list[in
     metric = {m: float(np.mean([r["task_metric"] for r in final if r["method"] == m])) for m in methods}
     forget = {m: forgetting(final, m) for m in methods if m != "vanilla"}
     general = {m: float(np.mean([r["general_loss"] for r in final if r["method"] == m])) for m in methods}
-    token_rows = per_method_rows(final, "esft_token")
-    intervals = {f"esft_token_minus_{m}": bootstrap_diff(token_rows, per_method_rows(final, m))
-                 for m in ("fft", "lora", "esft_random", "esft_least")}
-    intervals["esft_gate_minus_esft_gate_matched"] = bootstrap_diff(per_method_rows(final, "esft_gate"),
-                                                                    per_method_rows(final, "esft_gate_matched"))
+    clusters = {task: prompt_clusters(task, SIZES["eval"]) for task in tasks}
+    intervals = {f"{a}_minus_{b}": bootstrap_diff(per_method_rows(final, a), per_method_rows(final, b), clusters)
+                 for a, b in (("esft_token", "fft"), ("esft_token", "lora"), ("esft_token", "esft_random"),
+                              ("esft_token", "esft_least"), ("esft_gate", "fft"), ("esft_gate", "lora"),
+                              ("esft_gate_matched", "esft_token"), ("esft_gate", "esft_gate_matched"))}
+    # forgetting: the aligned domains' per-row metric (row i: the mean of the three domains' row i);
+    # positive = ESFT-Token keeps more of what the vanilla model solved than FFT does
+    intervals["aligned_esft_token_minus_fft"] = bootstrap_diff(per_method_rows(final, "esft_token", "aligned_rows"),
+                                                               per_method_rows(final, "fft", "aligned_rows"))
     grid_points = {m: [grid_point(results, m, lr) for lr in GRID[m]] for m in GRID}
-    matched = matched_forgetting(grid_points, forget["esft_token"])
+    # compared at ESFT-Token's chosen point on the curves' own seed (0)
+    matched = matched_forgetting(grid_points, forgetting([r for r in final if r["seed"] == 0], "esft_token"))
 
     def over(a: float, b: float) -> float | None:
-        return round(a / b, 3) if b else None  # None (JSON null): the reference method did not move
+        return round(a / b, 3) if b > 0 else None  # None (JSON null): the reference did not move (or improved)
 
     ratios = {
         "task_metric_esft_token_over_fft": over(metric["esft_token"], metric["fft"]),
@@ -333,7 +363,9 @@ def summarise(results: list[dict], rates: dict, tasks: list[str], seeds: list[in
             "raw": {"task_metric": metric, "forgetting_aligned_drop": forget, "general_loss": general, "chosen_lr": rates,
                     "ci95": {k: [round(v, 4) for v in t] for k, t in intervals.items()}, "tradeoff_seed0": grid_points,
                     "at_esft_token_forgetting": matched, "stability_jaccard": stability(out, tasks, seeds),
-                    "cells": [{k: v for k, v in r.items() if k not in ("task_rows", "aligned_rows")} for r in results]},
+                    # per cell, its task rows too (rounded): --check pairs a re-run with them row by row
+                    "cells": [{**{k: v for k, v in r.items() if k not in ("task_rows", "aligned_rows")},
+                               "task_rows": [round(x, 4) for x in r["task_rows"]]} for r in results]},
             "config": {"model": str(ASSET_DIR), "tasks": tasks, "seeds": seeds, "grid": GRID, "sizes": SIZES, "budget": BUDGET,
                        "random_draws": RANDOM_DRAWS, "bootstrap": BOOTSTRAP}}
 
@@ -368,9 +400,13 @@ def markdown(summary: dict) -> str:
         rates = {t: r.get(method, r["esft_token"]) for t, r in raw["chosen_lr"].items()} if method != "vanilla" else {}
         lines.append(f"| {method} | {value:.3f} | {raw['forgetting_aligned_drop'].get(method, 0.0):+.3f} | "
                      f"{raw['general_loss'][method]:.3f} | {', '.join(f'{t} {lr:g}' for t, lr in rates.items()) or '-'} |")
-    lines += ["", "| difference (task metric) | mean | 95% CI |", "|---|---|---|"]
-    lines += [f"| {k} | {v[0]:+.4f} | [{v[1]:+.4f}, {v[2]:+.4f}] |" for k, v in raw["ci95"].items()]
-    lines += ["", "At ESFT-Token's forgetting level (interpolated along each learning-rate curve): "
+    lines += ["", "Task metric: math numeric accuracy, code exact match, translation chrF / 100 per row (mean of sentence-level "
+              "chrF); forgetting: drop from vanilla of the mean metric of intent, law and summary.",
+              "", "| difference | mean | 95% CI (paired bootstrap) |", "|---|---|---|"]
+    lines += [f"| {k}{'' if k.startswith('aligned') else ' (task metric)'} | {v[0]:+.4f} | [{v[1]:+.4f}, {v[2]:+.4f}] |"
+              for k, v in raw["ci95"].items()]
+    lines += ["", "At ESFT-Token's forgetting level on seed 0 (interpolated along each learning-rate curve; '-': the "
+              "method's grid never forgot that little, or never that much): "
               + ", ".join(f"{m} {'-' if v is None else f'{v:.3f}'}" for m, v in raw["at_esft_token_forgetting"].items()),
               "", "Selection stability (Jaccard of ESFT-Token's selections): "
               + "; ".join(f"{t}: {v}" for t, v in raw["stability_jaccard"].items()), "",
@@ -380,31 +416,21 @@ def markdown(summary: dict) -> str:
 
 def check(committed: Path) -> dict:
     """One cell again (math, seed 0: vanilla, FFT and ESFT-Token at the committed rates) in a fresh
-    directory; within_ci: each re-measured task metric lies in the committed run's 95% interval for
-    that cell (bootstrap over its eval rows)."""
+    directory; within_ci: for each, the 95% paired-bootstrap interval of (re-run - committed) task
+    metric over the same eval rows contains 0."""
     summary = json.loads(committed.read_text())
     rates = summary["raw"]["chosen_lr"]["math"]
     cells = {c["cell"]: c for c in summary["raw"]["cells"]}
+    clusters = {"math": prompt_clusters("math", SIZES["eval"])}
     diffs, inside = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for cell in (Cell("math", 0, "vanilla"), Cell("math", 0, "fft", rates["fft"]),
                      Cell("math", 0, "esft_token", rates["esft_token"])):
-            new = run_cell(Path(tmp), cell)
-            old = cells[cell.name]
-            diffs.append(abs(new["task_metric"] - old["task_metric"]))
-            low, high = old["task_metric_ci95"]
-            inside.append(low <= new["task_metric"] <= high)
+            new, old = run_cell(Path(tmp), cell), cells[cell.name]
+            mean, low, high = bootstrap_diff({("math", 0): new["task_rows"]}, {("math", 0): old["task_rows"]}, clusters)
+            diffs.append(abs(mean))
+            inside.append(low <= 0.0 <= high)
     return {"within_ci": all(inside), "max_abs_diff": round(max(diffs), 4)}
-
-
-def with_row_intervals(results: list[dict]) -> list[dict]:
-    """Each cell's own 95% interval of its task metric (bootstrap over its eval rows), for --check."""
-    rng = np.random.default_rng(0)
-    for r in results:
-        rows = np.asarray(r["task_rows"])
-        means = rows[rng.integers(0, len(rows), (BOOTSTRAP, len(rows)))].mean(axis=1)
-        r["task_metric_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    return results
 
 
 def main() -> int:
@@ -424,9 +450,8 @@ def main() -> int:
     out = Path(args.out).resolve()
     started = time.perf_counter()
     rates = chosen_rates(out, args.tasks)
-    results = with_row_intervals([run_cell(out, cell) for seed in args.seeds for task in args.tasks
-                                  for cell in seed_cells(task, seed, rates[task])]
-                                 + [run_cell(out, Cell(t, 0, m, lr)) for t in args.tasks for m in GRID for lr in GRID[m]])
+    results = ([run_cell(out, cell) for seed in args.seeds for task in args.tasks for cell in seed_cells(task, seed, rates[task])]
+               + [run_cell(out, Cell(t, 0, m, lr)) for t in args.tasks for m in GRID for lr in GRID[m]])
     unique = list({r["cell"]: r for r in results}.values())
     summary = summarise(unique, rates, args.tasks, args.seeds, out)
     summary["config"]["seconds"] = round(time.perf_counter() - started)

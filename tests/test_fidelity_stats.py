@@ -45,6 +45,39 @@ def test_paired_bootstrap_interval_matches_the_normal_approximation(fidelity):
     assert low == pytest.approx(mean - half_width, abs=0.01) and high == pytest.approx(mean + half_width, abs=0.01)
 
 
+def test_bootstrap_draws_shared_eval_rows_once_for_every_seed(fidelity):
+    """Every seed scores the same eval rows: two seeds with the same differences carry no more
+    information than one, so the interval must not narrow (stratifying by seed narrowed it by ~sqrt 2)."""
+    rng = np.random.default_rng(2)
+    a, b = list(rng.integers(0, 2, 300).astype(float)), list(rng.integers(0, 2, 300).astype(float))
+    one = fidelity.bootstrap_diff({("math", 0): a}, {("math", 0): b})
+    two = fidelity.bootstrap_diff({("math", 0): a, ("math", 1): a}, {("math", 0): b, ("math", 1): b})
+    assert two == pytest.approx(one)
+
+
+def test_bootstrap_draws_a_repeated_prompt_as_one_observation(fidelity):
+    """Rows that repeat a prompt (answered identically) are one observation: 200 distinct rows each
+    repeated twice give the interval of the 200, not that of 400 independent rows."""
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 2, 200).astype(float), rng.integers(0, 2, 200).astype(float)
+    distinct = fidelity.bootstrap_diff({("code", 0): list(a)}, {("code", 0): list(b)})
+    repeated = {("code", 0): list(np.repeat(a, 2))}, {("code", 0): list(np.repeat(b, 2))}
+    clustered = fidelity.bootstrap_diff(*repeated, clusters={"code": list(np.repeat(np.arange(200), 2))})
+    naive = fidelity.bootstrap_diff(*repeated)
+    width = lambda interval: interval[2] - interval[1]  # noqa: E731
+    assert clustered[0] == pytest.approx(distinct[0])
+    assert width(clustered) == pytest.approx(width(distinct), rel=0.08)
+    assert width(naive) == pytest.approx(width(distinct) / np.sqrt(2), rel=0.08)
+    with pytest.raises(ValueError, match="cluster ids"):
+        fidelity.bootstrap_diff(*repeated, clusters={"code": [0, 1]})
+
+
+def test_matched_forgetting_averages_rates_that_forget_equally(fidelity):
+    # law and intent move in coarse steps: two rates can forget exactly as much
+    matched = fidelity.matched_forgetting({"fft": [(0.0, 0.2), (0.1, 0.3), (0.1, 0.5)]}, 0.05)
+    assert matched["fft"] == pytest.approx((0.2 + 0.4) / 2)
+
+
 def test_matched_forgetting_interpolates_inside_the_curve_only(fidelity):
     points = {"fft": [(0.4, 0.5), (0.1, 0.2), (0.2, 0.3)], "lora": [(0.3, 0.4), (0.5, 0.6)]}
     matched = fidelity.matched_forgetting(points, 0.15)
@@ -94,6 +127,7 @@ def test_summary_of_hand_built_cells(fidelity, tmp_path, monkeypatch):
     """summarise + markdown over one task and seed whose per-row scores are chosen so that every ratio
     is known by hand; the chosen learning rate is the one with the lowest validation loss."""
     monkeypatch.setattr(fidelity, "stability", lambda out, tasks, seeds: {"math": {"seeds": 1.0}})
+    monkeypatch.setitem(fidelity.SIZES, "eval", 4)  # 4 eval rows (their prompts cluster the bootstrap)
     aligned = lambda value: {d: [value] * 4 for d in fidelity.ALIGNED}  # noqa: E731
     results = [{"cell": "math/s0/vanilla", "task": "math", "seed": 0, "method": "vanilla", "lr": None, "draw": 0,
                 "task_rows": [0.0] * 4, "aligned_rows": aligned(0.8), "task_metric": 0.0, "aligned_metric": 0.8,
@@ -109,7 +143,7 @@ def test_summary_of_hand_built_cells(fidelity, tmp_path, monkeypatch):
         (tmp_path / "cells" / name / "result.json").write_text(json.dumps(results[-1]))
 
     for method, grid in fidelity.GRID.items():  # the middle rate is the chosen one (lowest validation loss)
-        for lr, valid_loss in zip(grid, (0.5, 0.3, 0.4)):
+        for lr, valid_loss in zip(grid, (float("nan") if method == "lora" else 0.5, 0.3, 0.4)):  # NaN: diverged
             chosen = lr == grid[1]
             rows = {"fft": [1.0, 1.0, 1.0, 0.0], "lora": [1.0, 0.0, 0.0, 0.0], "esft_token": [1.0, 1.0, 0.0, 0.0],
                     "esft_gate": [1.0, 1.0, 1.0, 0.0]}[method] if chosen else [0.0] * 4
@@ -133,6 +167,9 @@ def test_summary_of_hand_built_cells(fidelity, tmp_path, monkeypatch):
     mean, low, high = summary["raw"]["ci95"]["esft_token_minus_esft_random"]
     assert mean == pytest.approx((2 / 3 + 1) / 4, abs=1e-4) and low <= mean <= high
     assert summary["raw"]["task_metric"]["esft_least"] == 0.0
+    ci = summary["raw"]["ci95"]
+    assert ci["esft_gate_matched_minus_esft_token"][0] == pytest.approx(-0.25)  # gate vs token scores, same counts
+    assert ci["aligned_esft_token_minus_fft"][0] == pytest.approx(0.3)  # token keeps 0.7 of the aligned metric, FFT 0.4
     assert summary["raw"]["at_esft_token_forgetting"]["esft_token"] == pytest.approx(0.5)  # its own curve at its own point
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
     text = fidelity.markdown(summary)
