@@ -170,19 +170,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from esft.demo.pretrain import ASSET_DIR, PRESETS, pretrain
+    from esft.demo.pretrain import ASSET_DIR, PRESETS, pretrain, training_device
 
     settings = {"steps": args.steps, "seed": args.seed, "balance_loss_coef": args.balance_loss_coef,
                 "balance_scope": args.balance_scope, "balance_window": args.balance_window,
                 "balance_decay_start": args.balance_decay_start,
                 "architecture": args.architecture, "bias_update_rate": args.bias_update_rate,
                 "attention_heads": args.attention_heads, "kv_lora_rank": args.kv_lora_rank,
+                "hidden_size": args.hidden_size, "expert_width": args.expert_width,
                 "expert_groups": args.expert_groups, "groups_per_token": args.groups_per_token,
                 "threads": args.threads,
                 "measure_at": tuple(args.measure_at) if args.measure_at else None,
                 "translation_phrasebook": args.translation_phrasebook or None, "summary_digest": args.summary_digest or None}
     recipe = replace(PRESETS[args.preset], **{k: v for k, v in settings.items() if v is not None})
     recipe.validate()
+    training_device(args.device)  # a missing GPU is an error before anything is written
     out = Path(args.out or ASSET_DIR)
     check_output(out, directory=True, overwrite=args.overwrite)  # before ~40 minutes of pretraining
     ablation = None
@@ -192,7 +194,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as error:
             raise EsftError(f"pretrain: cannot read the ablation table {args.ablation} ({error}); "
                             "write it with `python bench/pretrain_ablation.py`") from error
-    pretrain(recipe, out, overwrite=args.overwrite, ablation=ablation)
+    pretrain(recipe, out, overwrite=args.overwrite, ablation=ablation, device=args.device)
     return 0
 
 
@@ -367,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group-limited routing: a token's experts come from its best this-many groups (default: 1)")
     p.add_argument("--attention-heads", type=int, help="attention heads per layer (default: the preset's)")
     p.add_argument("--kv-lora-rank", type=int, help="MLA's compressed key/value width (default: the preset's)")
+    p.add_argument("--hidden-size", type=int, help="model width; the dense first layer's MLP is 3x it (default: the preset's)")
+    p.add_argument("--expert-width", type=int, help="each routed and shared expert's hidden width (default: the preset's)")
     p.add_argument("--threads", type=int, help="CPU threads for pretraining (default: the preset's)")
+    p.add_argument("--device", default="cpu",
+                   help="where the training steps run: cpu (default, the recipe's reference) or cuda[:N]; "
+                        "data, measurements and files are the same")
     p.add_argument("--translation-phrasebook", action="store_true",
                    help="also pretrain on a Veltish phrasebook (English, then Veltish) among the raw translation text")
     p.add_argument("--summary-digest", action="store_true",

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from esft.data import DataError
 from esft.errors import EsftError
@@ -93,6 +94,10 @@ def test_a_missing_model_directory_is_one_line(tmp_path, capsys):
     (["--expert-groups", "5"], "expert_groups must divide routed_experts"),
     (["--bias-update-rate", "0.01"], "bias_update_rate must be >= 0, and > 0 only with architecture deepseek_v3"),
     (["--steps", "0"], "steps must be a positive integer"),
+    (["--hidden-size", "0"], "hidden_size must be a positive integer"),
+    (["--device", "mps"], "device 'mps' is not supported; use cpu or cuda[:N]"),
+    (["--device", "gpu0"], "unknown device 'gpu0'; use cpu or cuda[:N]"),
+    *([(["--device", "cuda"], "this torch sees no CUDA device; drop --device (CPU)")] if not torch.cuda.is_available() else []),
 ])
 def test_a_bad_pretraining_recipe_is_one_line_before_anything_is_written(tmp_path, capsys, flags, message):
     assert esft(["pretrain", "--out", str(tmp_path / "model"), *flags]) == 2

@@ -235,6 +235,19 @@ def test_a_deepseek_v3_build_learns_selection_biases_and_loads_without_the_proje
     assert out.stdout.split()[-1] == "DeepseekV3ForCausalLM"
 
 
+def test_the_width_settings_build_a_wider_model_on_the_chosen_device(tmp_path):
+    """--hidden-size / --expert-width (the scale lever): the config, the weights' shapes and the card
+    follow them; the steps run on the device asked for (here the CPU) and the files are the same."""
+    recipe = replace(TINY_RECIPE, hidden_size=64, expert_width=8, steps=2, measure_at=())
+    report = pretrain(recipe, tmp_path / "wide", device="cpu")
+    assert (report["config"]["hidden_size"], report["config"]["intermediate_size"],
+            report["config"]["moe_intermediate_size"]) == (64, 192, 8)
+    weights = load_file(tmp_path / "wide" / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].shape[1] == 64
+    assert weights["model.layers.1.mlp.experts.0.gate_proj.weight"].shape == (8, 64)
+    assert report["device"] == "cpu" and "hidden 64" in (tmp_path / "wide" / "README.md").read_text()
+
+
 def test_the_shipped_model_is_what_the_default_recipe_builds():
     # The shipped model's recorded recipe and architecture are the default preset's, so
     # `esft pretrain` rebuilds it (the refactored recipe reproduces the earlier code bit for bit).
@@ -244,7 +257,7 @@ def test_the_shipped_model_is_what_the_default_recipe_builds():
     shipped = json.loads((ASSET_DIR / "config.json").read_text())
     built = mini_moe_config(shipped["vocab_size"], PRESETS["mini-moe"]).to_dict()
     for key in ("num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size",
-                "hidden_size", "kv_lora_rank", "max_position_embeddings", "first_k_dense_replace"):
+                "hidden_size", "intermediate_size", "kv_lora_rank", "max_position_embeddings", "first_k_dense_replace"):
         assert shipped[key] == built[key], key
     assert sum(p.stat().st_size for p in ASSET_DIR.iterdir()) <= 25 * 2**20
 

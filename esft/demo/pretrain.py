@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -114,6 +115,7 @@ class PretrainRecipe:
     # architecture (the first layer dense, then MoE layers); DeepSeek-V2-Lite's proportions
     architecture: str = "deepseek_v2"
     layers: int = 7
+    hidden_size: int = 128  # the dense first layer's MLP is 3x as wide
     attention_heads: int = 4
     kv_lora_rank: int = 32  # MLA's compressed key/value latent, shared by the heads (what copying reads through)
     # Group-limited routing (DeepSeek-V2's device-limited routing, with groups for devices): the
@@ -156,7 +158,7 @@ class PretrainRecipe:
     def validate(self) -> None:
         for name in ("steps", "batch_rows", "seq_len", "vocab_size", "general_rows", "threads", "log_every", "measure_rows",
                      "balance_window",
-                     "routed_experts", "experts_per_token", "shared_experts", "expert_width", "attention_heads",
+                     "routed_experts", "experts_per_token", "shared_experts", "expert_width", "attention_heads", "hidden_size",
                      "kv_lora_rank", "expert_groups", "groups_per_token"):
             if int(getattr(self, name)) < 1:
                 raise EsftError(f"pretrain: {name} must be a positive integer")
@@ -205,8 +207,8 @@ def mini_moe_config(vocab_size: int, recipe: PretrainRecipe | None = None) -> Pr
     return AutoConfig.for_model(
         recipe.architecture,
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=384,  # the dense first layer
+        hidden_size=recipe.hidden_size,
+        intermediate_size=3 * recipe.hidden_size,  # the dense first layer
         num_hidden_layers=recipe.layers,
         first_k_dense_replace=1,
         num_attention_heads=recipe.attention_heads,
@@ -420,7 +422,7 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
     for step in range(1, recipe.steps + 1):
         if cursor + recipe.batch_rows > len(order):  # next epoch, new order
             order, cursor = torch.randperm(len(blocks), generator=generator), 0
-        batch = blocks[order[cursor : cursor + recipe.batch_rows]]
+        batch = blocks[order[cursor : cursor + recipe.batch_rows]].to(model.device)
         cursor += recipe.batch_rows
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe)
@@ -670,7 +672,8 @@ def model_card(report: dict, ablation: list[dict] | None = None) -> str:
         (f"- training: {recipe['steps']} steps x {recipe['batch_rows']} x {recipe['seq_len']} tokens, AdamW, lr {recipe['lr']} "
          f"(warm-up + cosine), {_balancing_sentence(recipe)}; final loss "
          f"{report['history'][-1]['loss']:.3f}"),
-        (f"- hardware and time: {report['seconds']:.0f} s on {recipe['threads']} CPU threads ({report['hardware']}), "
+        (f"- hardware and time: {report['seconds']:.0f} s on "
+         f"{'1 GPU' if report.get('device') == 'cuda' else str(recipe['threads']) + ' CPU threads'} ({report['hardware']}), "
          f"torch {report['torch']}"),
         "", "## Gates (measured on these weights, before any fine-tuning)", "",
         *_table(["gate", "mini-moe", "target", "passed", "DeepSeek-V2-Lite"],
@@ -729,9 +732,12 @@ def refresh_model_card(model_dir: Path, ablation: list[dict]) -> Path:
     return path
 
 
-def _hardware() -> str:
-    """The CPU model (Linux) or the machine type, for the model card's timing."""
+def _hardware(device: torch.device) -> str:
+    """The GPU's name, or the CPU model (Linux) or the machine type, for the model card's timing."""
     import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
 
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -740,13 +746,32 @@ def _hardware() -> str:
         return f"{platform.machine()}, {platform.system()}"
 
 
+def training_device(name: str) -> torch.device:
+    """Where the pretraining steps run: "cpu" (the recipe's reference) or a CUDA device. Measuring
+    and saving always happen on the CPU."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EsftError(f"pretrain: unknown device {name!r}; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EsftError(f"pretrain: device {name!r} is not supported; use cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EsftError(f"pretrain: device {name!r} asked for, but this torch sees no CUDA device; "
+                        "drop --device (CPU) or install a CUDA build of torch")
+    return device
+
+
 @contextlib.contextmanager
-def _pinned_torch(threads: int):
+def _pinned_torch(threads: int, device: torch.device):
     """Deterministic kernels and a fixed thread count for the build (the bits depend on both),
-    restored afterwards so a caller's process (a test session, a notebook) is left as it was."""
+    restored afterwards so a caller's process (a test session, a notebook) is left as it was. On a
+    GPU, operations without a deterministic CUDA kernel warn instead of failing (a GPU build is
+    reproducible on the same GPU and software only as far as those allow)."""
     previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     try:
         yield
     finally:
@@ -754,11 +779,14 @@ def _pinned_torch(threads: int):
         torch.use_deterministic_algorithms(previous[1])
 
 
-def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablation: list[dict] | None = None) -> dict:
+def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablation: list[dict] | None = None,
+             device: str = "cpu") -> dict:
     """Build mini-moe into `out` (written atomically); returns the report also saved beside it.
-    `ablation` (rows of earlier, shorter runs' reports) only adds a table to the model card."""
+    `ablation` (rows of earlier, shorter runs' reports) only adds a table to the model card;
+    `device`: where the training steps run (the data, tokenizer, measurements and files are the same)."""
     recipe.validate()
-    with _pinned_torch(recipe.threads), atomic_directory(out, overwrite=overwrite) as target:
+    on = training_device(device)
+    with _pinned_torch(recipe.threads, on), atomic_directory(out, overwrite=overwrite) as target:
         started = time.perf_counter()
         torch.manual_seed(recipe.seed)
         documents = pretraining_corpus(recipe)
@@ -774,17 +802,20 @@ def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablatio
 
         def measure_along_the_way(step: int) -> None:
             if step in recipe.measure_at and step != recipe.steps:
+                model.cpu()  # the parameters move in place, so the optimizer's references stay valid
                 figures = measure_specialisation(model, tokenizer, recipe.seed, with_generation=False, rows=recipe.measure_rows)
                 measured_at.append({"step": step, "figures": figures["figures"], "answer_loss": figures["answer_loss"]})
                 log.info("step %d: %s", step, figures["figures"])
-                model.train()
+                model.to(on).train()
 
-        history = train(model, blocks, recipe, on_step=measure_along_the_way)
+        history = train(model.to(on), blocks, recipe, on_step=measure_along_the_way)
         seconds = time.perf_counter() - started
+        model.cpu()
         specialisation = measure_specialisation(model, tokenizer, recipe.seed, rows=recipe.measure_rows)
         save_domain_heatmaps(specialisation.pop("scores"), target / "routing_heatmaps.png")
         report = {"model": MODEL_NAME, "recipe": asdict(recipe), "config": model.config.to_diff_dict(),
-                  "parameters": model.num_parameters(), "torch": torch.__version__, "hardware": _hardware(),
+                  "parameters": model.num_parameters(), "torch": torch.__version__, "hardware": _hardware(on),
+                  "device": on.type,
                   "data": mix, "history": history, "seconds": round(seconds, 1), "specialisation": specialisation,
                   "measured_at": measured_at}
         model.save_pretrained(target)
