@@ -284,11 +284,14 @@ def test_the_card_tabulates_only_ablation_runs_of_the_same_recipe():
             {"recipe": {**same, "balance_decay_start": 0.5, "summary_digest": True}, "of_steps": 2400, "figures": figures,
              "answer_loss": losses},
             {"recipe": {**same, "architecture": "deepseek_v3", "bias_update_rate": 0.001, "balance_loss_coef": 0.0,
-                        "kv_lora_rank": 64, "steps": 2400}, "figures": figures, "answer_loss": losses}]
+                        "kv_lora_rank": 64, "steps": 2400}, "figures": figures, "answer_loss": losses},
+            {"recipe": {**same, "hidden_size": 256, "expert_width": 64, "steps": 2400}, "figures": figures,
+             "answer_loss": losses}]  # the scale lever: a wider model on the same data
     card = model_card(report, rows)
     table = card.split("## Ablation: the routing knobs", 1)[1]
     assert "| DeepSeek-V2 | batch-level | 0.001 | 600 of 2400 | phrasebook | 1,234,567 |" in table
     assert "| DeepSeek-V2 | batch-level | 0.001, to 0 from step 1200 | 600 of 2400 | phrasebook, digest | - |" in table
     assert "| DeepSeek-V3, kv latent 64 | bias updates 0.001 | 0.0 | 2400 | phrasebook | - |" in table
+    assert "| DeepSeek-V2, hidden 256, experts 64 wide | batch-level | 0.001 | 2400 | phrasebook | - |" in table
     assert "0.0777" not in table
     assert "## Ablation" not in model_card(report, rows[1:2])

@@ -574,7 +574,7 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
 # What an ablation row must share with the recipe to be tabulated in its card (the knobs may differ).
 ABLATION_SAME = ("seed", "general_rows", "task_rows", "raw_documents", "held_out_raw_documents", "domain_blocks",
                  "tokenizer_sees_template", "vocab_size", "layers", "routed_experts", "experts_per_token", "shared_experts",
-                 "expert_width", "batch_rows", "seq_len", "lr")
+                 "batch_rows", "seq_len", "lr")
 
 
 def _loss_scope(recipe: dict) -> str:
@@ -594,13 +594,16 @@ def balance_description(recipe: dict) -> str:
 
 
 def architecture_description(recipe: dict) -> str:
-    """The router and attention of a recipe, for the card: "DeepSeek-V2", or e.g. "DeepSeek-V2, 3 of
-    8 expert groups, kv latent 64" where routing and attention differ from the default recipe's."""
+    """The router, widths and attention of a recipe, for the card: "DeepSeek-V2", or e.g. "DeepSeek-V2,
+    hidden 256, 3 of 8 expert groups, kv latent 64" where they differ from the default recipe's."""
     default = PretrainRecipe()
     name = ARCHITECTURE_NAMES[recipe.get("architecture", default.architecture)]
     groups, per_token = recipe.get("expert_groups", 1), recipe.get("groups_per_token", 1)
     heads, latent = recipe.get("attention_heads", default.attention_heads), recipe.get("kv_lora_rank", default.kv_lora_rank)
-    return ", ".join([name, *([f"{per_token} of {groups} expert groups"] if groups > 1 else []),
+    hidden, width = recipe.get("hidden_size", default.hidden_size), recipe.get("expert_width", default.expert_width)
+    return ", ".join([name, *([f"hidden {hidden}"] if hidden != default.hidden_size else []),
+                      *([f"experts {width} wide"] if width != default.expert_width else []),
+                      *([f"{per_token} of {groups} expert groups"] if groups > 1 else []),
                       *([f"{heads} heads"] if heads != default.attention_heads else []),
                       *([f"kv latent {latent}"] if latent != default.kv_lora_rank else [])])
 
