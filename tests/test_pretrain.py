@@ -248,6 +248,30 @@ def test_the_width_settings_build_a_wider_model_on_the_chosen_device(tmp_path):
     assert report["device"] == "cpu" and "hidden 64" in (tmp_path / "wide" / "README.md").read_text()
 
 
+def test_selection_biases_keep_learning_across_a_device_round_trip():
+    """Measuring along the way moves the model to the CPU and back; that keeps the parameters but
+    replaces buffers, where DeepSeek-V3's selection biases live. Simulated here by replacing every
+    tensor after each step (what a CUDA -> CPU -> CUDA trip does): the run must end as a plain one."""
+    from transformers import AutoModelForCausalLM
+
+    from esft.demo.pretrain import train
+
+    recipe = replace(TINY_RECIPE, architecture="deepseek_v3", bias_update_rate=0.01, balance_loss_coef=0.0, steps=4, layers=3)
+    blocks = torch.randint(3, 400, (8, recipe.seq_len), generator=torch.Generator().manual_seed(0))
+
+    def trained(on_step):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(mini_moe_config(400, recipe), dtype=torch.float32)
+        train(model, blocks, recipe, on_step=lambda step: on_step(model))
+        return model.state_dict()
+
+    plain = trained(lambda model: None)
+    moved = trained(lambda model: model._apply(lambda t: t.clone()))
+    biases = [k for k in plain if "e_score_correction_bias" in k]
+    assert biases and any(plain[k].abs().sum() > 0.015 for k in biases)  # more than one step of 0.01 moved
+    assert all(torch.equal(plain[k], moved[k]) for k in plain)
+
+
 def test_the_shipped_model_is_what_the_default_recipe_builds():
     # The shipped model's recorded recipe and architecture are the default preset's, so
     # `esft pretrain` rebuilds it (the refactored recipe reproduces the earlier code bit for bit).

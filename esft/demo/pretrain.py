@@ -455,6 +455,9 @@ def train(model: PreTrainedModel, blocks: torch.Tensor, recipe: PretrainRecipe,
                      record["loss"], record["balance"], record["lr"], tokens_per_s, eta)
         if on_step is not None:
             on_step(step)
+            # a device round trip (measuring on the CPU) keeps the parameters but replaces the buffers
+            # the selection biases live in: update the model's, not stale copies
+            biases = selection_biases(model)
     return history
 
 
@@ -761,6 +764,9 @@ def training_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EsftError(f"pretrain: device {name!r} asked for, but this torch sees no CUDA device; "
                         "drop --device (CPU) or install a CUDA build of torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EsftError(f"pretrain: device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+                        "CUDA device(s); use cuda:0 .. cuda:N-1")
     return device
 
 
@@ -768,18 +774,24 @@ def training_device(name: str) -> torch.device:
 def _pinned_torch(threads: int, device: torch.device):
     """Deterministic kernels and a fixed thread count for the build (the bits depend on both),
     restored afterwards so a caller's process (a test session, a notebook) is left as it was. On a
-    GPU, operations without a deterministic CUDA kernel warn instead of failing (a GPU build is
-    reproducible on the same GPU and software only as far as those allow)."""
-    previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    GPU, attention runs on SDPA's math kernel (the memory-efficient kernel's backward is not
+    deterministic) and any other operation without a deterministic CUDA kernel warns instead of
+    failing: a GPU build is reproducible on the same GPU and software as far as those allow."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
     torch.set_num_threads(threads)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
     torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    kernels = sdpa_kernel(SDPBackend.MATH) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        yield
+        with kernels:
+            yield
     finally:
         torch.set_num_threads(previous[0])
-        torch.use_deterministic_algorithms(previous[1])
+        torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])
 
 
 def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablation: list[dict] | None = None,
@@ -805,7 +817,7 @@ def pretrain(recipe: PretrainRecipe, out: Path, overwrite: bool = False, ablatio
 
         def measure_along_the_way(step: int) -> None:
             if step in recipe.measure_at and step != recipe.steps:
-                model.cpu()  # the parameters move in place, so the optimizer's references stay valid
+                model.cpu()  # parameters move in place (the optimizer's references stay valid); buffers do not
                 figures = measure_specialisation(model, tokenizer, recipe.seed, with_generation=False, rows=recipe.measure_rows)
                 measured_at.append({"step": step, "figures": figures["figures"], "answer_loss": figures["answer_loss"]})
                 log.info("step %d: %s", step, figures["figures"])
