@@ -254,15 +254,16 @@ def test_selection_biases_keep_learning_across_a_device_round_trip():
     tensor after each step (what a CUDA -> CPU -> CUDA trip does): the run must end as a plain one."""
     from transformers import AutoModelForCausalLM
 
-    from esft.demo.pretrain import train
+    from esft.demo.pretrain import _pinned_torch, train
 
     recipe = replace(TINY_RECIPE, architecture="deepseek_v3", bias_update_rate=0.01, balance_loss_coef=0.0, steps=4, layers=3)
     blocks = torch.randint(3, 400, (8, recipe.seq_len), generator=torch.Generator().manual_seed(0))
 
     def trained(on_step):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(mini_moe_config(400, recipe), dtype=torch.float32)
-        train(model, blocks, recipe, on_step=lambda step: on_step(model))
+        with _pinned_torch(recipe.threads, torch.device("cpu")):  # the recipe's own deterministic setting
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(mini_moe_config(400, recipe), dtype=torch.float32)
+            train(model, blocks, recipe, on_step=lambda step: on_step(model))
         return model.state_dict()
 
     plain = trained(lambda model: None)
