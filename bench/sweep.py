@@ -6,10 +6,17 @@ validation loss (configs/sweep_asha.yaml) against the grid (configs/sweep.yaml),
     python bench/sweep.py --steps 480 --eval-every 30   # longer trials, where training outweighs a trial's start-up
 
 Each round runs both sweeps one after the other in one process and one Ray cluster, in fresh run
-directories that share one profile (the order alternates between rounds); the searcher gets exactly as
-many trials as the grid has points. Measured per sweep: Tune's wall time for all its trials (profiling
-and registration excluded, both are the same for either), the best objective reached (the configs'
-objective: the task metric of the evaluated trials), trials stopped early and selections reused.
+directories that share one profile (the order alternates between rounds; the searcher's seed is the
+round's index, so rounds are independent searches); the searcher gets exactly as many trials as the grid
+has points. Measured per sweep: Tune's wall time for all its trials (profiling and registration excluded,
+both are the same for either), the best objective reached (the configs' objective: the task metric of the
+evaluated trials on the embedded default's 64 eval rows), trials stopped early and selections reused.
+
+The best objective is a maximum over noisy 64-row scores (one row moves it by 0.016), so each sweep's
+chosen trial is also scored on 512 fresh eval rows (other prompts than the sweeps', one per prompt):
+what a user gets from each search. `confirmed_search_minus_grid` is the mean paired difference on those
+rows with a 95% bootstrap interval (rows resampled, the same draw for every round).
+
 Ratios: wall_time_search_over_grid (goal <= 0.6) and best_objective_search_over_grid (goal >= 1 within
 the grid's noise), means over rounds. Writes bench/results/sweep.json (--quick: runs/bench_sweep/quick.json)
 and prints one JSON object last.
@@ -30,13 +37,23 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 
+import numpy as np  # noqa: E402
+
+from esft.demo import synthetic  # noqa: E402
+from esft.demo.pretrain import ASSET_DIR  # noqa: E402
+from esft.io import atomic_write_text  # noqa: E402
+from esft.metrics import PER_SAMPLE, clean_prediction  # noqa: E402
 from pipeline.config import build_config, read_yaml  # noqa: E402
+from pipeline.evaluate import EvalConfig, run_eval  # noqa: E402
+from pipeline.run import EMBEDDED, embedded_inputs  # noqa: E402
 from pipeline.tune import SweepConfig, run_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "sweep.json"
 VARIANTS = {"grid": ROOT / "configs" / "sweep.yaml", "search": ROOT / "configs" / "sweep_asha.yaml"}
 # --quick: the same two sweeps shrunk until each trial takes seconds (it checks the script, it measures nothing).
+CONFIRM_ROWS = 512  # fresh eval rows that score each sweep's chosen trial (--quick: 16)
+BOOTSTRAP_DRAWS = 2000
 QUICK = {"profile": {"n_sample_tokens": 1024, "seq_len": 64, "batch_size": 8},
          "train": {"workers": 1, "steps": 4, "batch_size": 2, "seq_len": 64, "eval_every": 2, "save_every": 2, "eval_rows": 4},
          "eval": {"max_new_tokens": 8}}
@@ -67,11 +84,45 @@ def load_variants(quick: bool, steps: int | None = None, eval_every: int | None 
     return configs
 
 
-def measure(config: SweepConfig) -> dict:
+def confirm_data(out: Path, n: int, objective_data: str) -> Path:
+    """`n` math eval rows with distinct prompts, none of them among the sweeps' own eval rows."""
+    seen = {json.loads(line)["messages"][0]["content"] for line in Path(objective_data).read_text().splitlines() if line}
+    rows = []
+    for row in synthetic.rows("math", 4 * n, seed=1, split="eval"):
+        prompt = row["messages"][0]["content"]
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append(row)
+        if len(rows) == n:
+            break
+    path = out / "confirm.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def confirm(config: SweepConfig, best: dict | None, data: Path, out: Path) -> list[float] | None:
+    """Per-row scores (the sweep's objective metric) of its chosen trial's adapter on the confirmation rows."""
+    if best is None:
+        return None
+    metric = config.eval["metric"][0]
+    eval_config = EvalConfig(model=str(ASSET_DIR) if config.model == EMBEDDED else config.model, tokenizer=config.tokenizer,
+                             adapter=str(Path(best["work_dir"]) / "train" / "adapter"), data=str(data), out=str(out),
+                             metric=[metric], max_new_tokens=config.eval["max_new_tokens"], batch_size=config.eval["batch_size"])
+    run_eval(eval_config)
+    predictions = [json.loads(line) for line in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    return [float(PER_SAMPLE[metric](clean_prediction(r["prediction"]), r["answers"])) for r in predictions]
+
+
+def measure(config: SweepConfig, out: Path, confirm_n: int) -> dict:
     summary = run_sweep(config)
     rows = summary["rows"]
     best = summary["best"]
+    confirm_rows = out / "confirm.jsonl"
+    if not confirm_rows.exists():
+        confirm_data(out, confirm_n, embedded_inputs(Path(config.run_dir) / "assets")["eval_data"])
+    confirmed = confirm(config, best, confirm_rows, Path(config.run_dir) / "confirm.json")
     return {"fit_seconds": summary["fit_seconds"], "best_objective": best["objective"] if best else None,
+            "confirmed": float(np.mean(confirmed)) if confirmed else None, "confirmed_rows": confirmed,
             "best_trial": best and {k: best[k] for k in ("score_function", "setting", "lr", "shared", "experts", "metric")},
             "trials": len(rows), "stopped_early": sum(r["status"].startswith("stopped early") for r in rows),
             "reused": sum(r["status"].startswith("same selection") for r in rows),
@@ -79,6 +130,22 @@ def measure(config: SweepConfig) -> dict:
             "rows": [{k: r[k]
                       for k in ("score_function", "setting", "lr", "shared", "experts", "objective", "valid_loss", "status")}
                      for r in rows]}
+
+
+def confirmed_difference(raw: dict[str, list[dict]]) -> dict:
+    """Search minus grid on the confirmation rows: the mean over rounds of each round's paired row difference,
+    with a 95% bootstrap interval (one resampling of the rows applied to every round: all rounds score the
+    same rows). None where a sweep of some round finished no trial."""
+    pairs = [(g["confirmed_rows"], s["confirmed_rows"]) for g, s in zip(raw["grid"], raw["search"])]
+    if not pairs or any(g is None or s is None for g, s in pairs):
+        return {"confirmed_grid": None, "confirmed_search": None, "confirmed_search_minus_grid": None,
+                "confirmed_search_minus_grid_ci": None}
+    differences = np.array([np.subtract(s, g) for g, s in pairs])  # rounds x rows
+    draws = np.random.default_rng(0).integers(0, differences.shape[1], size=(BOOTSTRAP_DRAWS, differences.shape[1]))
+    resampled = differences[:, draws].mean(axis=(0, 2))
+    return {"confirmed_grid": float(np.mean([g for g, _ in pairs])), "confirmed_search": float(np.mean([s for _, s in pairs])),
+            "confirmed_search_minus_grid": float(differences.mean()),
+            "confirmed_search_minus_grid_ci": [float(v) for v in np.quantile(resampled, [0.025, 0.975])]}
 
 
 def mean(values: list) -> float | None:
@@ -113,14 +180,17 @@ def main(argv: list[str] | None = None) -> int:
             run.mkdir(parents=True)
             if not (run / "profiles").exists():
                 (run / "profiles").symlink_to(shared_profiles)  # one profile for every sweep (its cache key is the same)
-            raw[name].append({"round": round_index, **measure(config)})
+            if config.searcher:
+                config.searcher["seed"] = round_index  # each round an independent search
+            raw[name].append({"round": round_index, **measure(config, out, 16 if args.quick else CONFIRM_ROWS)})
     grid_time, search_time = mean([r["fit_seconds"] for r in raw["grid"]]), mean([r["fit_seconds"] for r in raw["search"]])
     grid_best, search_best = mean([r["best_objective"] for r in raw["grid"]]), mean([r["best_objective"] for r in raw["search"]])
     both = grid_best is not None and search_best is not None
     summary = {
         "ratios": {"wall_time_search_over_grid": search_time / grid_time,
                    "best_objective_search_over_grid": search_best / grid_best if both and grid_best else None,
-                   "best_objective_search_minus_grid": search_best - grid_best if both else None},
+                   "best_objective_search_minus_grid": search_best - grid_best if both else None,
+                   **confirmed_difference(raw)},
         "raw": raw,
         "config": {"quick": args.quick, "rounds": args.rounds, "trials_each": raw["grid"][0]["trials"],
                    "grid": str(VARIANTS["grid"].relative_to(ROOT)), "search": str(VARIANTS["search"].relative_to(ROOT)),

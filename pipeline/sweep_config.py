@@ -71,6 +71,10 @@ class SearcherConfig:
     experts_per_layer: list[int] = field(default_factory=lambda: [1, 8])
     lr: list[float] = field(default_factory=list)  # [low, high] on a log scale; empty: the train section's lr
     train_shared_experts: list[bool] = field(default_factory=lambda: [False])  # [false, true]: searched on/off
+    # Proposed first, before any random or modelled proposal (Tune's points_to_evaluate): e.g. the selection a
+    # user already trusts, so the search starts from it. Each names a kind and that kind's setting, and may fix
+    # lr and train_shared_experts (what a point leaves out is drawn). Part of num_samples.
+    points_to_evaluate: list[dict] = field(default_factory=list)
 
     def validate(self) -> None:
         from esft.select import check_top_p
@@ -99,6 +103,36 @@ class SearcherConfig:
             raise ConfigError("tune: searcher.lr must be a range of positive numbers")
         if not self.train_shared_experts or any(not isinstance(v, bool) for v in self.train_shared_experts):
             raise ConfigError("tune: searcher.train_shared_experts must list true and/or false")
+        if not isinstance(self.points_to_evaluate, list) or len(self.points_to_evaluate) > self.num_samples:
+            raise ConfigError("tune: searcher.points_to_evaluate must be a list of at most num_samples points")
+        for index, point in enumerate(self.points_to_evaluate):
+            self._check_point(point, f"tune: searcher.points_to_evaluate[{index}]")
+
+    def _check_point(self, point: object, where: str) -> None:
+        """A starting point holds a kind, that kind's setting, and optionally lr and train_shared_experts, each
+        inside the searched range (Optuna would otherwise run it outside the space it models)."""
+        if not isinstance(point, dict) or point.get("kind") not in self.kinds:
+            raise ConfigError(f"{where} must be a mapping whose kind is one of searcher.kinds ({', '.join(self.kinds)})")
+        kind = point["kind"]
+        setting = f"{kind}_top_p" if kind in ("token", "gate") else "experts_per_layer"
+        unknown = set(point) - {"kind", setting, "lr", "train_shared_experts"}
+        if unknown or setting not in point:
+            raise ConfigError(f"{where}: a {kind} point gives kind, {setting} and optionally lr, train_shared_experts "
+                              f"(got {', '.join(sorted(point))})")
+        ranges = {setting: getattr(self, setting), "lr": self.lr}
+        for name, bounds in ranges.items():
+            if name not in point:
+                continue
+            value = point[name]
+            if not bounds:
+                raise ConfigError(f"{where}: lr is not searched (searcher.lr is empty); leave it out of the point")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not bounds[0] <= value <= bounds[1]:
+                raise ConfigError(f"{where}: {name} {value!r} is outside searcher.{name} {bounds}")
+        if setting == "experts_per_layer" and not isinstance(point[setting], int):
+            raise ConfigError(f"{where}: experts_per_layer must be an integer")
+        if "train_shared_experts" in point and point["train_shared_experts"] not in self.train_shared_experts:
+            raise ConfigError(f"{where}: train_shared_experts {point['train_shared_experts']!r} is not among "
+                              f"searcher.train_shared_experts {self.train_shared_experts}")
 
 
 @dataclass

@@ -327,10 +327,15 @@ class StepAwareOptunaSearch(OptunaSearch):
 
     A resumed sweep hands it the trials that earlier driver lives completed (`history`: parameters,
     objective, state), which its study records as if it had proposed them, and the configs of trials that
-    were interrupted (`pending`), which it proposes first."""
+    were interrupted (`pending`), which it proposes first. The configured starting points (`start`) come
+    next, those that neither an earlier life nor an interrupted trial already ran."""
 
-    def __init__(self, *args, history: list[tuple[dict, float | None, str]] = (), pending: list[dict] = (), **kwargs):
+    def __init__(self, *args, history: list[tuple[dict, float | None, str]] = (), pending: list[dict] = (),
+                 start: list[dict] = (), **kwargs):
         self._history, self._pending = list(history), list(pending)
+        ran = [params for params, _, _ in self._history] + self._pending
+        # A point counts as run when a trial fixed every parameter it gives (the rest were drawn).
+        self._start = [point for point in start if not any(point.items() <= params.items() for params in ran)]
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode):
@@ -343,7 +348,7 @@ class StepAwareOptunaSearch(OptunaSearch):
             trial = self._ot_study.ask()
             self._space(trial)
             self._ot_study.tell(trial, value, state=optuna.trial.TrialState[state])
-        for params in self._pending:
+        for params in self._pending + self._start:
             self._ot_study.enqueue_trial(params)
 
     def on_trial_result(self, trial_id: str, result: dict):
@@ -366,7 +371,7 @@ def make_searcher(searcher: SearcherConfig, mode: str, history=(), pending=()):
         sampler = optuna.samplers.TPESampler(n_startup_trials=searcher.startup_trials, seed=searcher.seed,
                                              multivariate=True, group=True)
     return StepAwareOptunaSearch(space=functools.partial(suggest_trial, searcher=searcher), metric="objective", mode=mode,
-                                  sampler=sampler, history=history, pending=pending)
+                                  sampler=sampler, history=history, pending=pending, start=searcher.points_to_evaluate)
 
 
 def make_scheduler(scheduler: SchedulerConfig, train: dict, objective_mode: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -307,6 +308,51 @@ def test_a_resumed_searcher_proposes_the_interrupted_trials_first():
     assert {k: again[k] for k in ("selection", "lr", "train_shared_experts")} == \
         {k: proposals[2][k] for k in ("selection", "lr", "train_shared_experts")}  # the interrupted trial, same config
     assert [(t.state.name, t.value) for t in resumed._ot_study.trials[:2]] == [("COMPLETE", 0.5), ("FAIL", None)]
+
+
+def test_a_searcher_starts_from_its_points_to_evaluate_once():
+    from pipeline.sweep_journal import optuna_history
+    from pipeline.tune import SearcherConfig, make_searcher
+
+    start = [{"kind": "token", "token_top_p": 0.2, "lr": 1e-3, "train_shared_experts": False},
+             {"kind": "gate_budget", "experts_per_layer": 3}]
+    config = SearcherConfig(num_samples=5, startup_trials=1, seed=3, kinds=["token", "gate_budget"],
+                            experts_per_layer=[1, 8], lr=[1e-4, 1e-2], train_shared_experts=[False, True],
+                            points_to_evaluate=start)
+    config.validate()
+    first = make_searcher(config, mode="max")
+    proposals = [first.suggest(str(i)) for i in range(3)]
+    assert proposals[0]["selection"] == {"score_function": "token", "top_p": 0.2}
+    assert proposals[0]["lr"] == 1e-3 and proposals[0]["train_shared_experts"] is False
+    assert proposals[1]["selection"] == {"score_function": "gate", "experts_per_layer": 3}  # lr and shared drawn
+    assert 1e-4 <= proposals[1]["lr"] <= 1e-2
+    # Resumed after the first point finished: the second point comes next, the first is not run again.
+    journal = {"0": {"trial_id": "0", "config": proposals[0], "status": "finished", "result": {"objective": 0.5}}}
+    resumed = make_searcher(config, mode="max", history=optuna_history(journal))
+    again = resumed.suggest("new")
+    assert again["selection"] == {"score_function": "gate", "experts_per_layer": 3}
+    # Resumed after both: neither is proposed again.
+    journal["1"] = {"trial_id": "1", "config": proposals[1], "status": "stopped", "result": {"objective": None}}
+    later = make_searcher(config, mode="max", history=optuna_history(journal))
+    assert later._start == []
+
+
+@pytest.mark.parametrize("point, message", [
+    ({"kind": "gate", "gate_top_p": 0.1}, "whose kind is one of searcher.kinds"),
+    ({"kind": "token", "token_top_p": 0.9}, "token_top_p 0.9 is outside searcher.token_top_p"),
+    ({"kind": "token"}, "a token point gives kind, token_top_p"),
+    ({"kind": "token", "token_top_p": 0.2, "lr": 1e-3}, "lr is not searched"),
+    ({"kind": "token", "token_top_p": 0.2, "train_shared_experts": True}, "train_shared_experts True is not among"),
+    ({"kind": "token_budget", "experts_per_layer": 2.5}, "experts_per_layer must be an integer"),
+    ("token", "must be a mapping"),
+])
+def test_points_to_evaluate_outside_the_space_are_refused(point, message):
+    from pipeline.config import ConfigError
+    from pipeline.tune import SearcherConfig
+
+    config = SearcherConfig(kinds=["token", "token_budget"], points_to_evaluate=[point])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.validate()
 
 
 def _train_actors_left() -> list[str]:
