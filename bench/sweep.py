@@ -1,7 +1,7 @@
 """Search + early stopping vs the grid, on the same budget of trials: Optuna's TPE with ASHA on
 validation loss (configs/sweep_asha.yaml) against the grid (configs/sweep.yaml), on the embedded default.
 
-    python bench/sweep.py                 # both shipped configs, 8 trials each (~25 min on 2 CPU cores)
+    python bench/sweep.py                 # both shipped configs, 8 trials each (~15 min a round on 2 CPU cores)
     python bench/sweep.py --quick         # a tiny version (2 trials each, a few steps) that checks the script runs
     python bench/sweep.py --steps 480 --eval-every 30   # longer trials, where training outweighs a trial's start-up
 
@@ -84,7 +84,7 @@ def load_variants(quick: bool, steps: int | None = None, eval_every: int | None 
     return configs
 
 
-def confirm_data(out: Path, n: int, objective_data: str) -> Path:
+def confirm_data(path: Path, n: int, objective_data: str) -> Path:
     """`n` math eval rows with distinct prompts, none of them among the sweeps' own eval rows."""
     seen = {json.loads(line)["messages"][0]["content"] for line in Path(objective_data).read_text().splitlines() if line}
     rows = []
@@ -95,7 +95,8 @@ def confirm_data(out: Path, n: int, objective_data: str) -> Path:
             rows.append(row)
         if len(rows) == n:
             break
-    path = out / "confirm.jsonl"
+    if len(rows) < n:
+        raise SystemExit(f"bench/sweep.py: only {len(rows)} fresh eval prompts for {n} confirmation rows")
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -104,11 +105,15 @@ def confirm(config: SweepConfig, best: dict | None, data: Path, out: Path) -> li
     """Per-row scores (the sweep's objective metric) of its chosen trial's adapter on the confirmation rows."""
     if best is None:
         return None
-    metric = config.eval["metric"][0]
-    eval_config = EvalConfig(model=str(ASSET_DIR) if config.model == EMBEDDED else config.model, tokenizer=config.tokenizer,
-                             adapter=str(Path(best["work_dir"]) / "train" / "adapter"), data=str(data), out=str(out),
-                             metric=[metric], max_new_tokens=config.eval["max_new_tokens"], batch_size=config.eval["batch_size"])
-    run_eval(eval_config)
+    metric = config.objective_spec(config.eval.get("metric", []))[0]
+    if metric not in PER_SAMPLE:
+        raise SystemExit(f"bench/sweep.py: the objective {metric!r} has no per-row score; the bench needs one of "
+                         f"{', '.join(PER_SAMPLE)}")
+    settings = {k: v for k, v in config.eval.items() if k != "general_data"}  # the sweep's own evaluation settings
+    run_eval(build_config(EvalConfig, settings, {
+        "model": str(ASSET_DIR) if config.model == EMBEDDED else config.model, "tokenizer": config.tokenizer,
+        "adapter": str(Path(best["work_dir"]) / "train" / "adapter"), "data": str(data), "out": str(out),
+        "metric": [metric]}, where="bench/sweep.py: eval"))
     predictions = [json.loads(line) for line in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
     return [float(PER_SAMPLE[metric](clean_prediction(r["prediction"]), r["answers"])) for r in predictions]
 
@@ -117,9 +122,9 @@ def measure(config: SweepConfig, out: Path, confirm_n: int) -> dict:
     summary = run_sweep(config)
     rows = summary["rows"]
     best = summary["best"]
-    confirm_rows = out / "confirm.jsonl"
+    confirm_rows = out / f"confirm-{confirm_n}.jsonl"  # every sweep of this bench run scores the same rows
     if not confirm_rows.exists():
-        confirm_data(out, confirm_n, embedded_inputs(Path(config.run_dir) / "assets")["eval_data"])
+        confirm_data(confirm_rows, confirm_n, embedded_inputs(Path(config.run_dir) / "assets")["eval_data"])
     confirmed = confirm(config, best, confirm_rows, Path(config.run_dir) / "confirm.json")
     return {"fit_seconds": summary["fit_seconds"], "best_objective": best["objective"] if best else None,
             "confirmed": float(np.mean(confirmed)) if confirmed else None, "confirmed_rows": confirmed,
@@ -135,7 +140,9 @@ def measure(config: SweepConfig, out: Path, confirm_n: int) -> dict:
 def confirmed_difference(raw: dict[str, list[dict]]) -> dict:
     """Search minus grid on the confirmation rows: the mean over rounds of each round's paired row difference,
     with a 95% bootstrap interval (one resampling of the rows applied to every round: all rounds score the
-    same rows). None where a sweep of some round finished no trial."""
+    same rows). The interval is the rows' noise given these rounds' searches, not how much another search
+    seed would move the result: that shows in the per-round values. None where a sweep of some round
+    finished no trial."""
     pairs = [(g["confirmed_rows"], s["confirmed_rows"]) for g, s in zip(raw["grid"], raw["search"])]
     if not pairs or any(g is None or s is None for g, s in pairs):
         return {"confirmed_grid": None, "confirmed_search": None, "confirmed_search_minus_grid": None,
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 (run / "profiles").symlink_to(shared_profiles)  # one profile for every sweep (its cache key is the same)
             if config.searcher:
                 config.searcher["seed"] = round_index  # each round an independent search
-            raw[name].append({"round": round_index, **measure(config, out, 16 if args.quick else CONFIRM_ROWS)})
+            raw[name].append({"round": round_index, "searcher_seed": config.searcher.get("seed"),
+                              **measure(config, out, 16 if args.quick else CONFIRM_ROWS)})
     grid_time, search_time = mean([r["fit_seconds"] for r in raw["grid"]]), mean([r["fit_seconds"] for r in raw["search"]])
     grid_best, search_best = mean([r["best_objective"] for r in raw["grid"]]), mean([r["best_objective"] for r in raw["search"]])
     both = grid_best is not None and search_best is not None

@@ -63,7 +63,7 @@ class SearcherConfig:
 
     algorithm: str = "optuna"
     num_samples: int = 8
-    startup_trials: int = 3  # random proposals before TPE models the finished trials
+    startup_trials: int = 3  # finished trials (starting points included) before TPE models them; the rest are random
     seed: int = 0
     kinds: list[str] = field(default_factory=lambda: ["token", "gate"])
     token_top_p: list[float] = field(default_factory=lambda: [0.05, 0.6])  # [low, high]
@@ -126,12 +126,15 @@ class SearcherConfig:
             value = point[name]
             if not bounds:
                 raise ConfigError(f"{where}: lr is not searched (searcher.lr is empty); leave it out of the point")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not bounds[0] <= value <= bounds[1]:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{where}: {name} must be a number, got {value!r} (YAML reads 1e-3 as text; write 0.001)")
+            if not bounds[0] <= value <= bounds[1]:
                 raise ConfigError(f"{where}: {name} {value!r} is outside searcher.{name} {bounds}")
         if setting == "experts_per_layer" and not isinstance(point[setting], int):
             raise ConfigError(f"{where}: experts_per_layer must be an integer")
-        if "train_shared_experts" in point and point["train_shared_experts"] not in self.train_shared_experts:
-            raise ConfigError(f"{where}: train_shared_experts {point['train_shared_experts']!r} is not among "
+        shared = point.get("train_shared_experts", self.train_shared_experts[0])
+        if not isinstance(shared, bool) or shared not in self.train_shared_experts:
+            raise ConfigError(f"{where}: train_shared_experts {shared!r} is not among "
                               f"searcher.train_shared_experts {self.train_shared_experts}")
 
 

@@ -343,6 +343,8 @@ def test_a_searcher_starts_from_its_points_to_evaluate_once():
     ({"kind": "token"}, "a token point gives kind, token_top_p"),
     ({"kind": "token", "token_top_p": 0.2, "lr": 1e-3}, "lr is not searched"),
     ({"kind": "token", "token_top_p": 0.2, "train_shared_experts": True}, "train_shared_experts True is not among"),
+    ({"kind": "token", "token_top_p": 0.2, "train_shared_experts": 0}, "train_shared_experts 0 is not among"),
+    ({"kind": "token", "token_top_p": "2e-1"}, "token_top_p must be a number, got '2e-1'"),
     ({"kind": "token_budget", "experts_per_layer": 2.5}, "experts_per_layer must be an integer"),
     ("token", "must be a mapping"),
 ])
