@@ -40,7 +40,6 @@ import statistics  # noqa: E402
 import numpy as np  # noqa: E402
 
 from esft.demo import synthetic  # noqa: E402
-from esft.demo.pretrain import ASSET_DIR  # noqa: E402
 from esft.io import atomic_write_text  # noqa: E402
 from esft.metrics import PER_SAMPLE, clean_prediction  # noqa: E402
 from pipeline.config import build_config, read_yaml  # noqa: E402
@@ -110,8 +109,9 @@ def confirm(config: SweepConfig, best: dict | None, data: Path, out: Path) -> li
         raise SystemExit(f"bench/sweep.py: the objective {metric!r} has no per-row score; the bench needs one of "
                          f"{', '.join(PER_SAMPLE)}")
     settings = {k: v for k, v in config.eval.items() if k != "general_data"}  # the sweep's own evaluation settings
+    model = embedded_inputs(Path(config.run_dir) / "assets")["model"] if config.model == EMBEDDED else config.model
     run_eval(build_config(EvalConfig, settings, {
-        "model": str(ASSET_DIR) if config.model == EMBEDDED else config.model, "tokenizer": config.tokenizer,
+        "model": model, "tokenizer": config.tokenizer,
         "adapter": str(Path(best["work_dir"]) / "train" / "adapter"), "data": str(data), "out": str(out),
         "metric": [metric]}, where="bench/sweep.py: eval"))
     predictions = [json.loads(line) for line in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
