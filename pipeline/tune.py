@@ -143,6 +143,9 @@ class ValidationToTune(TuneReportCallback):
         super().after_report(run_context, [step_result(metrics[0], self.context), *metrics[1:]], checkpoint)
 
 
+# How long a reused trial process waits for the previous trial's thread to end after aborting its Train run.
+TRIAL_THREAD_TIMEOUT_S = 600
+
 # The Train run this trial's process is driving (a trial process runs one trial): what `SweepTrial.cleanup`
 # aborts when Tune stops the trial before its run ended.
 _LIVE_TRAIN_RUN: dict = {}
@@ -170,8 +173,14 @@ def _abort_live_train_run() -> None:
 def sweep_trainable(setup: dict):
     """The Tune trainable: `run_trial` as a function trainable whose cleanup (Tune's stop, e.g. ASHA's)
     first aborts a Train run still going. It reserves no CPU or GPU: Ray Train's workers and the evaluation
-    replicas ask for them, so a trial cannot starve its own training run."""
+    replicas ask for them, so a trial cannot starve its own training run.
+
+    Trial processes are reused (`reuse_actors`): a new trial would otherwise pay a fresh process and its
+    imports (Ray Tune, torch, transformers: ~5-7 s on 2 cores) before it selects anything. A trial that
+    Tune stopped early hands its process to the next trial, so the reset first aborts its Train run and
+    waits for its thread to end (Tune's own reset gives the thread 2 s, then fails the *next* trial)."""
     from ray import tune
+    from ray.train._internal.session import get_session
     from ray.tune.trainable.function_trainable import wrap_function
 
     base = wrap_function(tune.with_parameters(run_trial, setup=setup))
@@ -180,7 +189,12 @@ def sweep_trainable(setup: dict):
         _abort_live_train_run()
         base.cleanup(self)
 
-    trial_class = type(run_trial.__name__, (base,), {"cleanup": cleanup})  # trials named as before
+    def reset_config(self, new_config):
+        _abort_live_train_run()
+        get_session().finish(timeout=TRIAL_THREAD_TIMEOUT_S)  # the old trial's thread ends (a pending report exits it)
+        return base.reset_config(self, new_config)
+
+    trial_class = type(run_trial.__name__, (base,), {"cleanup": cleanup, "reset_config": reset_config})
     return tune.with_resources(trial_class, {"cpu": 0, "memory": 64 * 1024**2})
 
 
@@ -430,6 +444,7 @@ def _tune_config(config: SweepConfig, train: dict, mode: str, journal: dict[str,
         scheduler=make_scheduler(scheduler, train, mode) if scheduler else None,
         num_samples=samples,
         max_concurrent_trials=concurrency,
+        reuse_actors=True,  # see sweep_trainable
         **({} if searcher or scheduler else {"metric": "objective", "mode": mode}),
     )
 
