@@ -379,32 +379,37 @@ def test_asha_stops_a_falling_behind_trial_cleanly(assets, tmp_path, fresh_ray, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ray.init(num_cpus=2, include_dashboard=False)
     run_dir = tmp_path / "asha"
-    # One selection, two learning rates run one after the other: on this tiny model lr 0.5 learns far faster
-    # than 0.001, so at the rung (step 2 of 4) the second trial's validation loss is behind and ASHA stops it.
+    # One selection, three learning rates run one after the other: on this tiny model lr 0.5 learns far faster
+    # than 0.001 and 0.0005, so at the rung (step 2 of 4) the later trials' validation losses are behind and
+    # ASHA stops both. The third trial runs in the stopped second one's process (Tune reuses trial processes),
+    # whose Train run the reset must abort first.
     config = build_config(SweepConfig, read_yaml(sweep_yaml(assets, run_dir, scheduler={"grace_period": 2})), {})
-    config.search = {"token_top_p": [], "gate_top_p": [], "experts_per_layer": [16], "lr": [0.5, 0.001]}
+    config.search = {"token_top_p": [], "gate_top_p": [], "experts_per_layer": [16], "lr": [0.5, 0.001, 0.0005]}
     summary = run_sweep(config)
 
     rows = {r["lr"]: r for r in summary["rows"]}
-    assert rows[0.5]["status"] == "trained" and rows[0.001]["status"] == "stopped early at step 2"
-    assert summary["best"]["lr"] == 0.5 and rows[0.001]["metric"] is None
-    stopped_work = Path(rows[0.001]["work_dir"])
-    assert (stopped_work / "train" / "ray" / "train" / "checkpoint_000002").is_dir()  # kept: it could be continued
-    assert not (stopped_work / "result.json").exists()
+    assert rows[0.5]["status"] == "trained" and summary["best"]["lr"] == 0.5
+    for lr in (0.001, 0.0005):
+        assert rows[lr]["status"] == "stopped early at step 2" and rows[lr]["metric"] is None
+        stopped_work = Path(rows[lr]["work_dir"])
+        assert (stopped_work / "train" / "ray" / "train" / "checkpoint_000002").is_dir()  # kept: it could be continued
+        assert not (stopped_work / "result.json").exists()
 
     client, parents, trials = mlflow_runs(run_dir)
-    by_stop = {t.data.tags.get("esft.early_stopped"): t for t in trials}
-    assert set(by_stop) == {None, "true"} and all(t.info.status == "FINISHED" for t in trials)  # not FAILED / KILLED
-    early, full = by_stop["true"], by_stop[None]
-    assert [m.step for m in client.get_metric_history(early.info.run_id, "loss")] == [1, 2]  # the partial history
-    assert [m.step for m in client.get_metric_history(early.info.run_id, "valid_loss")] == [2]
+    assert all(t.info.status == "FINISHED" for t in trials)  # not FAILED / KILLED
+    early = [t for t in trials if t.data.tags.get("esft.early_stopped") == "true"]
+    [full] = [t for t in trials if "esft.early_stopped" not in t.data.tags]
+    assert sorted(t.data.params["lr"] for t in early) == ["0.0005", "0.001"]
+    for run in early:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]  # the partial history
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_loss")] == [2]
+        assert "adapter" not in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert [m.step for m in client.get_metric_history(full.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert "adapter" not in {a.path for a in client.list_artifacts(early.info.run_id)}
     version = client.get_model_version_by_alias("tune-test", "champion")  # only the trial that finished is registered
-    assert version.run_id == full.info.run_id and early.data.params["lr"] == "0.001"
-    assert parents[0].data.metrics["early_stopped_trials"] == 1
+    assert version.run_id == full.info.run_id
+    assert parents[0].data.metrics["early_stopped_trials"] == 2
 
-    deadline = time.monotonic() + 90  # the stopped trial's Train run: controller, workers, placement group
+    deadline = time.monotonic() + 90  # the stopped trials' Train runs: controller, workers, placement group
     while (_train_actors_left() or any(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values())) \
             and time.monotonic() < deadline:
         time.sleep(2)
