@@ -5,7 +5,8 @@ the driver, turns each finished, early-stopped or failed trial into a nested MLf
 a scheduler stopped early is a finished run (not FAILED or KILLED: stopping it was the plan) tagged
 `esft.early_stopped=true`, with its per-step history up to the step where it was stopped. A single writer keeps
 the default SQLite store safe however many trials run at once, and a trial's run is looked up by
-its `esft.trial_id` tag first, so a trial is never logged twice.
+its `esft.trial_id` tag first, so a trial is never logged twice; a resumed sweep deletes the runs of the
+trials it reruns (`forget`), so neither is a trial whose driver died around its logging.
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ class SweepTracker(Callback):
         experiment_id = client.get_run(self.parent_run_id).info.experiment_id
         found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
         return found[0].info.run_id if found else None
+
+    def forget(self, trial_ids) -> int:
+        """Delete the runs of trials the journal calls interrupted: a driver that died after logging a trial but
+        before journaling it (or while logging it) left a run that the trial's rerun, under a new id, logs again.
+        MLflow's delete is a soft one (the run stays restorable). Returns how many were deleted."""
+        client = self._client()
+        experiment_id = client.get_run(self.parent_run_id).info.experiment_id
+        deleted = 0
+        for trial_id in trial_ids:
+            for run in client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'"):
+                client.delete_run(run.info.run_id)
+                deleted += 1
+        return deleted
 
     def _new_run(self, trial) -> str:
         client = self._client()

@@ -495,6 +495,8 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     atomic_write_text(run / "sweep.json", json.dumps(state, indent=1))
     atomic_write_text(run / JOURNAL, json.dumps(journal, indent=1))
     tracker = SweepTracker(tracking_uri, state["parent_run_id"], inputs["model"], data_hash)
+    if tracker.forget(rerun):
+        log.info("tune: deleted the MLflow runs of interrupted trials; their reruns log them again")
 
     setup = {"run_dir": str(run), "profile_dir": str(profile_dir), "num_experts": scores.num_experts,
              "objective": [metric, mode, weight],

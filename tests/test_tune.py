@@ -1,4 +1,4 @@
-"""`esft tune`: a 3-trial sweep on a tiny model: MLflow parent + nested runs, one profile, a duplicate
+"""`esft tune`: sweeps of 1-3 trials on a tiny model: MLflow parent + nested runs, one profile, a duplicate
 selection not retrained, the registry entry, a driver that dies and resumes, a failed trial; ASHA stopping
 a trial early from its forwarded validation steps; Optuna's proposals and a searcher that survives a dead
 driver."""
@@ -123,9 +123,9 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's default: SQLite in its run dir
     run_dir = tmp_path / "sweep"
-    # 3 trials: token p = 0.05, then all 16 experts ranked by token and by gate, the same selection: the third
-    # trial must reuse the second one's result.
-    config_file = sweep_yaml(assets, run_dir, search={"token_top_p": [0.05], "gate_top_p": [], "experts_per_layer": [16],
+    # 2 trials: all 16 experts ranked by token, then by gate: the same selection, so the second trial must reuse
+    # the first one's result, which the dead driver trained.
+    config_file = sweep_yaml(assets, run_dir, search={"token_top_p": [], "gate_top_p": [], "experts_per_layer": [16],
                                                      "budget_score_functions": ["token", "gate"]})
     # 1. the driver is killed once its first trial completed (the second may be under way: it is interrupted)
     journal = kill_driver_after(config_file, run_dir, {**os.environ, "RAY_ADDRESS": ""}, completed_trials=1)
@@ -137,26 +137,26 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
     profile_mtime = profiles[0].stat().st_mtime_ns
     marker = plant_pickles(run_dir)
 
-    # 2. the same command resumes from the journal: only the missing trials run, nothing is unpickled
+    # 2. the same command resumes from the journal: only the missing trial runs, nothing is unpickled
     summary = run_sweep(build_config(SweepConfig, read_yaml(config_file), {}))
     assert not marker.exists()
     assert [p.stat().st_mtime_ns for p in (run_dir / "profiles").glob("*/expert_scores.json")] == [profile_mtime]  # profiled once
     results = {p.parent.name: p for p in (run_dir / "trials").glob("*/result.json")}
-    assert len(results) == 2  # 3 trials, 2 distinct selections
+    assert len(results) == 1  # 2 trials, 1 distinct selection
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished_before.items())  # not redone
     assert {e["trial_id"] for e in journal.values() if e["status"] == "finished"} <= {r["trial_id"] for r in summary["rows"]}
 
     rows = summary["rows"]
-    assert len(rows) == 3 and not any(r["status"].startswith(("failed", "interrupted")) for r in rows)
+    assert len(rows) == 2 and not any(r["status"].startswith(("failed", "interrupted")) for r in rows)
     duplicates = [r for r in rows if r["status"].startswith("same selection as")]
     assert len(duplicates) == 1 and duplicates[0]["experts"] == 48  # 16 experts x 3 MoE layers
     original = next(r for r in rows if r["experts"] == 48 and r is not duplicates[0])
     assert duplicates[0]["metric"] == original["metric"] and duplicates[0]["work_dir"] == original["work_dir"]
     table_rows = [line for line in (run_dir / "sweep_summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table_rows) == 4  # header + 3 trials
+    assert len(table_rows) == 3  # header + 2 trials
 
     client, parents, trials = mlflow_runs(run_dir)
-    assert len(parents) == 1 and len(trials) == 3
+    assert len(parents) == 1 and len(trials) == 2
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
     for run in trials:
         assert run.info.status == "FINISHED"
@@ -427,7 +427,7 @@ def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_r
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "searched"
     config_file = sweep_yaml(assets, run_dir, scheduler={"grace_period": 2}, register={"enabled": False},
-                             searcher={"num_samples": 3, "startup_trials": 1, "kinds": ["token", "gate_budget"],
+                             searcher={"num_samples": 2, "startup_trials": 1, "kinds": ["token", "gate_budget"],
                                        "experts_per_layer": [1, 16], "lr": [1e-4, 1e-2]})
     config = yaml.safe_load(config_file.read_text())
     config.pop("search")
@@ -443,7 +443,7 @@ def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_r
     summary = run_sweep(build_config(SweepConfig, read_yaml(config_file), {}))
     assert not marker.exists()
     rows = summary["rows"]
-    assert len(rows) == 3 and first in {r["trial_id"] for r in rows}  # the searcher did not start over
+    assert len(rows) == 2 and first in {r["trial_id"] for r in rows}  # the searcher did not start over
     assert not any(r["status"].startswith(("failed", "interrupted")) for r in rows)
     _, parents, trials = mlflow_runs(run_dir)
     assert len(parents) == 1 and sorted(t.data.tags["esft.trial_id"] for t in trials) == sorted(r["trial_id"] for r in rows)
@@ -465,3 +465,24 @@ def test_a_sweep_resumes_only_on_the_same_settings_and_the_same_data(tmp_path):
     # a sweep started before its inputs were recorded resumes on its settings alone
     (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "settings-a", "parent_run_id": "r0"}))
     assert _sweep_state(tmp_path, "settings-a", "data-c", restart=False)[0]["parent_run_id"] == "r0"
+
+
+def test_a_resumed_sweep_deletes_the_runs_of_the_trials_it_reruns(tmp_path):
+    """A driver that died between logging a trial to MLflow and journaling it (or while logging it) left a run
+    for a trial the journal calls interrupted; its rerun logs it again under a new id, so the old run goes."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import TRIAL_TAG, SweepTracker, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent_run(uri, "esft-sweeps", tmp_path / "artifacts", "s", {}, None)
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    for trial_id, status in (("logged", "FINISHED"), ("half-logged", None), ("kept", "FINISHED")):
+        run = client.create_run(experiment, tags={TRIAL_TAG: trial_id, "mlflow.parentRunId": parent})
+        if status:
+            client.set_terminated(run.info.run_id, status=status)
+    tracker = SweepTracker(uri, parent, "model", "data")
+    assert tracker.forget(["logged", "half-logged", "never-logged"]) == 2
+    assert [tracker.trial_run_id(t) is None for t in ("logged", "half-logged", "kept")] == [True, True, False]
+    assert tracker.forget([]) == 0
