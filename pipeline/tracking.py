@@ -73,10 +73,14 @@ class SweepTracker(Callback):
 
         return MlflowClient(tracking_uri=self.tracking_uri)
 
+    def _trial_filter(self, trial_id: str) -> str:
+        """This sweep's run of a trial (the experiment holds every sweep's)."""
+        return f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
+
     def trial_run_id(self, trial_id: str) -> str | None:
         client = self._client()
         experiment_id = client.get_run(self.parent_run_id).info.experiment_id
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+        found = client.search_runs([experiment_id], filter_string=self._trial_filter(trial_id), max_results=1)
         return found[0].info.run_id if found else None
 
     def forget(self, trial_ids) -> int:
@@ -87,7 +91,7 @@ class SweepTracker(Callback):
         experiment_id = client.get_run(self.parent_run_id).info.experiment_id
         deleted = 0
         for trial_id in trial_ids:
-            for run in client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'"):
+            for run in client.search_runs([experiment_id], filter_string=self._trial_filter(trial_id)):
                 client.delete_run(run.info.run_id)
                 deleted += 1
         return deleted

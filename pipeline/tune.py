@@ -146,8 +146,12 @@ class ValidationToTune(TuneReportCallback):
 # How long a reused trial process waits for the previous trial's thread to end after aborting its Train run.
 TRIAL_THREAD_TIMEOUT_S = 600
 
-# The Train run this trial's process is driving (a trial process runs one trial): what `SweepTrial.cleanup`
-# aborts when Tune stops the trial before its run ended.
+# How long an abort may take before the controller is killed instead (its workers and placement group go with
+# it): a controller blocked on a full report queue that no stopped trial reads cannot take the abort call.
+ABORT_TIMEOUT_S = 30
+
+# The trial this process is running (one at a time; Tune reuses the process for the next trial): the Train run
+# that `cleanup` and `reset_config` abort when Tune stopped the trial, and whether they did.
 _LIVE_TRAIN_RUN: dict = {}
 
 
@@ -157,17 +161,25 @@ def _abort_live_train_run() -> None:
     from queue import Empty
 
     import ray
+    from ray.exceptions import GetTimeoutError
 
+    _LIVE_TRAIN_RUN["aborted"] = True  # also stops a trial whose training ended just before: no evaluation
     handoff = _LIVE_TRAIN_RUN.get("handoff")
     if handoff is None:
         return
-    _LIVE_TRAIN_RUN["aborted"] = True
     try:
         controller = handoff.get(block=False)
     except Empty:
-        return  # no report yet: the controller dies with this process and Ray cleans up after it
-    with contextlib.suppress(Exception):  # the controller exits as it aborts (RayActorError), or is gone already
-        ray.get(controller.abort.remote(), timeout=120)
+        return  # no report yet, so Tune cannot have stopped the trial on one: the process is ending
+    except Exception:  # the queue's actor is gone: nothing left to reach the controller through
+        return
+    try:
+        ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+    except GetTimeoutError:
+        with contextlib.suppress(Exception):
+            ray.kill(controller, no_restart=True)
+    except Exception:  # the controller exits as it aborts (RayActorError), or is gone already
+        pass
 
 
 def sweep_trainable(setup: dict):
@@ -203,7 +215,9 @@ def _run_train_reporting_to_tune(train_cfg, key: str, context: dict) -> dict:
     Tune trial."""
     from ray.util.queue import Queue
 
-    _LIVE_TRAIN_RUN.update(handoff=Queue(actor_options={"num_cpus": 0}), aborted=False)
+    if _LIVE_TRAIN_RUN.get("aborted"):
+        raise _StoppedByTune()
+    _LIVE_TRAIN_RUN["handoff"] = Queue(actor_options={"num_cpus": 0})
     callbacks = [ValidationToTune(context, _LIVE_TRAIN_RUN["handoff"])]
     try:
         return stages.train(train_cfg, key, callbacks=callbacks)
@@ -233,6 +247,8 @@ def _train_and_evaluate(work: Path, key: str, expert_config, selection: dict, se
         train_cfg.lr = lr
     # An earlier attempt of this same selection (stopped early, or interrupted) continues from its checkpoint.
     trained = _run_train_reporting_to_tune(train_cfg, key, context)
+    if _LIVE_TRAIN_RUN.get("aborted"):  # stopped by Tune as its training ended: not evaluated, not reported
+        raise _StoppedByTune()
     evaluated = stages.evaluate(EvalConfig(**{**setup["eval"], "adapter": str(work / "train" / "adapter"),
                                               "out": str(work / "eval" / "metrics.json")}))
     return {
@@ -255,6 +271,7 @@ def run_trial(params: dict, setup: dict) -> None:
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
+    _LIVE_TRAIN_RUN.clear()  # this process may have run an earlier trial
     run = Path(setup["run_dir"])
     expert_config = stages.select(Path(setup["profile_dir"]), **params["selection"],
                                   shared_experts=params["train_shared_experts"])
@@ -280,6 +297,9 @@ def run_trial(params: dict, setup: dict) -> None:
                 trained = _train_and_evaluate(work, key, expert_config, params["selection"], setup, params["lr"], context)
             except _StoppedByTune:
                 log.info("trial %s: stopped by Tune; its Train run was aborted, its checkpoints kept", trial_id)
+                return
+            if _LIVE_TRAIN_RUN.get("aborted"):  # stopped while it evaluated: no result for a later duplicate to reuse
+                log.info("trial %s: stopped by Tune after training; its result is not kept", trial_id)
                 return
             result = {"trained_by": trial_id, "work_dir": str(work), "selected_experts": expert_config.num_selected, **trained}
             atomic_write_text(result_file, json.dumps(result, indent=1))
@@ -474,7 +494,11 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     inputs_key = digest(hashed)
     state, journal = _sweep_state(run, config.fingerprint(), inputs_key, restart)
     tune_config = _tune_config(config, train, mode, journal)  # settings errors before any work
-    rerun = {e["trial_id"] for e in interrupted(journal)}  # they run again under new trial ids
+    # Interrupted trials run again under new trial ids. They are remembered in sweep.json, not only in the journal
+    # (which drops them now): a driver that dies again before their reruns finish must still know them.
+    newly_interrupted = {e["trial_id"] for e in interrupted(journal)}
+    rerun = newly_interrupted | set(state.get("interrupted_trials", []))
+    state["interrupted_trials"] = sorted(rerun)
     journal = {trial_id: entry for trial_id, entry in journal.items() if trial_id not in rerun}
 
     ensure_ray()
@@ -493,10 +517,10 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
                                                **searched},
                                               state.get("parent_run_id"))
     atomic_write_text(run / "sweep.json", json.dumps(state, indent=1))
-    atomic_write_text(run / JOURNAL, json.dumps(journal, indent=1))
     tracker = SweepTracker(tracking_uri, state["parent_run_id"], inputs["model"], data_hash)
     if tracker.forget(rerun):
         log.info("tune: deleted the MLflow runs of interrupted trials; their reruns log them again")
+    atomic_write_text(run / JOURNAL, json.dumps(journal, indent=1))
 
     setup = {"run_dir": str(run), "profile_dir": str(profile_dir), "num_experts": scores.num_experts,
              "objective": [metric, mode, weight],
@@ -509,9 +533,9 @@ def run_sweep(config: SweepConfig, restart: bool = False) -> dict:
     if tune_config is None:
         log.info("tune: every trial of this sweep completed earlier; summarising")
     else:
-        if journal or rerun:
+        if journal or newly_interrupted:
             log.info("tune: resuming the sweep in %s: %d trial(s) completed earlier are kept, %d interrupted one(s) continue",
-                     run, len(journal), len(rerun))
+                     run, len(journal), len(newly_interrupted))
         tuner = tune.Tuner(
             sweep_trainable(setup), tune_config=tune_config,
             # The journal after MLflow: a trial counts as completed once it is logged.

@@ -140,6 +140,9 @@ def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_p
     # 2. the same command resumes from the journal: only the missing trial runs, nothing is unpickled
     summary = run_sweep(build_config(SweepConfig, read_yaml(config_file), {}))
     assert not marker.exists()
+    # the interrupted trials are remembered beside the journal (which drops them), should the driver die again
+    interrupted_before = {e["trial_id"] for e in journal.values() if e["status"] == "running"}
+    assert set(json.loads((run_dir / "sweep.json").read_text())["interrupted_trials"]) == interrupted_before
     assert [p.stat().st_mtime_ns for p in (run_dir / "profiles").glob("*/expert_scores.json")] == [profile_mtime]  # profiled once
     results = {p.parent.name: p for p in (run_dir / "trials").glob("*/result.json")}
     assert len(results) == 1  # 2 trials, 1 distinct selection
@@ -478,11 +481,14 @@ def test_a_resumed_sweep_deletes_the_runs_of_the_trials_it_reruns(tmp_path):
     parent = start_parent_run(uri, "esft-sweeps", tmp_path / "artifacts", "s", {}, None)
     client = MlflowClient(uri)
     experiment = client.get_run(parent).info.experiment_id
-    for trial_id, status in (("logged", "FINISHED"), ("half-logged", None), ("kept", "FINISHED")):
-        run = client.create_run(experiment, tags={TRIAL_TAG: trial_id, "mlflow.parentRunId": parent})
+    other_sweep = start_parent_run(uri, "esft-sweeps", tmp_path / "artifacts", "other", {}, None)
+    for trial_id, status, sweep in (("logged", "FINISHED", parent), ("half-logged", None, parent), ("kept", "FINISHED", parent),
+                                    ("logged", "FINISHED", other_sweep)):  # the same trial id in another sweep
+        run = client.create_run(experiment, tags={TRIAL_TAG: trial_id, "mlflow.parentRunId": sweep})
         if status:
             client.set_terminated(run.info.run_id, status=status)
     tracker = SweepTracker(uri, parent, "model", "data")
     assert tracker.forget(["logged", "half-logged", "never-logged"]) == 2
     assert [tracker.trial_run_id(t) is None for t in ("logged", "half-logged", "kept")] == [True, True, False]
-    assert tracker.forget([]) == 0
+    assert SweepTracker(uri, other_sweep, "model", "data").trial_run_id("logged") is not None  # not this sweep's
+    assert tracker.forget(["logged"]) == 0  # again, as a driver that died once more would: nothing left
