@@ -126,7 +126,7 @@ def step_result(record: dict, context: dict) -> dict:
 class ValidationToTune(TuneReportCallback):
     """Ray's Train-to-Tune report callback (it runs in the Train controller and hands each report to the
     Tune trial that launched the run), each record completed by `step_result`. It also hands the trial
-    its controller once, so that a trial stopped early can abort its Train run (`SweepTrial.cleanup`)."""
+    its controller once, so that a trial stopped early can abort its Train run (`sweep_trainable`: its cleanup and reset)."""
 
     def __init__(self, context: dict, controller_handoff):
         super().__init__()
