@@ -41,13 +41,26 @@ def loop_dying_once_after(step: int, rank: int, marker: Path) -> Callable[[dict]
     return loop
 
 
+def _descends_from_this_process(pid: int) -> bool:
+    """Whether `pid` was started under this process (its Ray cluster's raylet is our child): another suite's
+    Ray on the same machine is none of our business."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
 def _train_worker_pids() -> list[int]:
-    """Processes of this machine whose title is a Ray Train worker's."""
+    """This process's Ray Train workers (by process title)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                if b"RayTrainWorker" in (entry / "cmdline").read_bytes() and _descends_from_this_process(int(entry.name)):
                     pids.append(int(entry.name))
     return pids
 
