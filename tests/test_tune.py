@@ -116,75 +116,6 @@ def plant_pickles(run_dir: Path) -> Path:
 
 
 @pytest.mark.slow  # a whole sweep
-def test_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_path, fresh_ray, monkeypatch):
-    from pipeline.config import build_config, read_yaml
-    from pipeline.register import load_registered
-    from pipeline.tune import SweepConfig, run_sweep
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's default: SQLite in its run dir
-    run_dir = tmp_path / "sweep"
-    # 2 trials: all 16 experts ranked by token, then by gate: the same selection, so the second trial must reuse
-    # the first one's result, which the dead driver trained.
-    config_file = sweep_yaml(assets, run_dir, search={"token_top_p": [], "gate_top_p": [], "experts_per_layer": [16],
-                                                     "budget_score_functions": ["token", "gate"]})
-    # 1. the driver is killed once its first trial completed (the second may be under way: it is interrupted)
-    journal = kill_driver_after(config_file, run_dir, {**os.environ, "RAY_ADDRESS": ""}, completed_trials=1)
-    finished_before = {p: p.stat().st_mtime_ns for e in journal.values() if e["status"] == "finished"
-                       for p in [Path(e["result"]["work_dir"]) / "result.json"]}
-    assert len(finished_before) == 1
-    profiles = list((run_dir / "profiles").glob("*/expert_scores.json"))
-    assert len(profiles) == 1
-    profile_mtime = profiles[0].stat().st_mtime_ns
-    marker = plant_pickles(run_dir)
-
-    # 2. the same command resumes from the journal: only the missing trial runs, nothing is unpickled
-    summary = run_sweep(build_config(SweepConfig, read_yaml(config_file), {}))
-    assert not marker.exists()
-    # the interrupted trials are remembered beside the journal (which drops them), should the driver die again
-    interrupted_before = {e["trial_id"] for e in journal.values() if e["status"] == "running"}
-    assert set(json.loads((run_dir / "sweep.json").read_text())["interrupted_trials"]) == interrupted_before
-    assert [p.stat().st_mtime_ns for p in (run_dir / "profiles").glob("*/expert_scores.json")] == [profile_mtime]  # profiled once
-    results = {p.parent.name: p for p in (run_dir / "trials").glob("*/result.json")}
-    assert len(results) == 1  # 2 trials, 1 distinct selection
-    assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished_before.items())  # not redone
-    assert {e["trial_id"] for e in journal.values() if e["status"] == "finished"} <= {r["trial_id"] for r in summary["rows"]}
-
-    rows = summary["rows"]
-    assert len(rows) == 2 and not any(r["status"].startswith(("failed", "interrupted")) for r in rows)
-    duplicates = [r for r in rows if r["status"].startswith("same selection as")]
-    assert len(duplicates) == 1 and duplicates[0]["experts"] == 48  # 16 experts x 3 MoE layers
-    original = next(r for r in rows if r["experts"] == 48 and r is not duplicates[0])
-    assert duplicates[0]["metric"] == original["metric"] and duplicates[0]["work_dir"] == original["work_dir"]
-    table_rows = [line for line in (run_dir / "sweep_summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table_rows) == 3  # header + 2 trials
-
-    client, parents, trials = mlflow_runs(run_dir)
-    assert len(parents) == 1 and len(trials) == 2
-    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
-    for run in trials:
-        assert run.info.status == "FINISHED"
-        assert {"score_function", "experts_per_layer", "selected_experts", "trainable_parameters", "method", "base_model",
-                "data_hash"} <= set(run.data.params)
-        assert {"numeric", "general_loss", "valid_loss", "tokens_per_second", "train_seconds",
-                "objective"} <= set(run.data.metrics)
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]  # per-step curve
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_loss")] == [2, 4]  # at each evaluation
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"expert_cfg.json", "selection.png", "heatmap.png"} <= artifacts
-        assert ("adapter" in artifacts) != ("esft.duplicate_of" in run.data.tags)  # only trained trials carry an adapter
-
-    registered = summary["registered"]
-    assert registered["version"] == "1" and registered["champion"]
-    version = client.get_model_version_by_alias("tune-test", "champion")
-    assert version.tags["selected_experts"] == str(summary["best"]["experts"]) and version.tags["metric_name"] == "numeric"
-    assert version.tags["base_model"] == str(assets / "model") and version.tags["base_source"] == "logged"  # small: it travels
-    model, _base = load_registered("models:/tune-test@champion", tracking_uri=summary["tracking_uri"])
-    untouched = dict(AutoModelForCausalLM.from_pretrained(assets / "model").named_parameters())
-    changed = [n for n, p in merge_adapter(model).named_parameters() if not torch.equal(p, untouched[n])]
-    assert changed and all(".mlp.experts." in n for n in changed)  # the adapter is in
-
-
-@pytest.mark.slow  # a whole sweep
 def test_a_failing_trial_is_marked_failed_in_mlflow(assets, tmp_path, fresh_ray, monkeypatch):
     import ray
 
@@ -420,18 +351,24 @@ def test_asha_stops_a_falling_behind_trial_cleanly(assets, tmp_path, fresh_ray, 
     assert [pg["state"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"] == []
 
 
-@pytest.mark.slow  # a whole sweep
-def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_ray, monkeypatch):
+@pytest.mark.slow  # a whole sweep, twice
+def test_a_searched_sweep_survives_a_dead_driver_and_registers_the_best_trial(assets, tmp_path, fresh_ray, monkeypatch):
     import ray
 
     from pipeline.config import build_config, read_yaml
+    from pipeline.register import load_registered
     from pipeline.tune import SweepConfig, run_sweep
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run_dir = tmp_path / "searched"
-    config_file = sweep_yaml(assets, run_dir, scheduler={"grace_period": 2}, register={"enabled": False},
-                             searcher={"num_samples": 2, "startup_trials": 1, "kinds": ["token", "gate_budget"],
-                                       "experts_per_layer": [1, 16], "lr": [1e-4, 1e-2]})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's default: SQLite in its run dir
+    run_dir = tmp_path / "sweep"
+    # Optuna + ASHA, 2 trials, both fixed by the starting points: all 16 experts ranked by token, then by gate.
+    # That is one selection, so the second trial must reuse the first one's result, which the dead driver trained
+    # (and replay its validation steps to ASHA). A searcher that started over would propose the first point again.
+    points = [{"kind": "token_budget", "experts_per_layer": 16, "lr": 1e-3, "train_shared_experts": False},
+              {"kind": "gate_budget", "experts_per_layer": 16, "lr": 1e-3, "train_shared_experts": False}]
+    config_file = sweep_yaml(assets, run_dir, scheduler={"grace_period": 2},
+                             searcher={"num_samples": 2, "startup_trials": 1, "kinds": ["token_budget", "gate_budget"],
+                                       "experts_per_layer": [1, 16], "lr": [1e-4, 1e-2], "points_to_evaluate": points})
     config = yaml.safe_load(config_file.read_text())
     config.pop("search")
     config_file.write_text(yaml.safe_dump(config))
@@ -439,17 +376,62 @@ def test_optuna_asha_sweep_resumes_after_a_dead_driver(assets, tmp_path, fresh_r
     # without a dashboard: a cold Ray start per driver is what a loaded 2-core machine struggles with.
     ray.init(num_cpus=2, include_dashboard=False)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # 1. the driver is killed once its first trial completed (the second may be under way: it is interrupted)
     journal = kill_driver_after(config_file, run_dir, env, completed_trials=1)
-    first = next(e["trial_id"] for e in journal.values() if e["status"] != "running")
-    marker = plant_pickles(run_dir)  # the searcher's state as Tune saved it: never read
+    [first] = [e for e in journal.values() if e["status"] == "finished"]
+    assert first["config"]["selection"] == {"score_function": "token", "experts_per_layer": 16}
+    finished_before = {p: p.stat().st_mtime_ns for p in [Path(first["result"]["work_dir"]) / "result.json"]}
+    profiles = list((run_dir / "profiles").glob("*/expert_scores.json"))
+    assert len(profiles) == 1
+    profile_mtime = profiles[0].stat().st_mtime_ns
+    marker = plant_pickles(run_dir)  # Tune's experiment state and its searcher's, as Tune saved them: never read
 
+    # 2. the same command resumes from the journal: only the missing trial runs, nothing is unpickled
     summary = run_sweep(build_config(SweepConfig, read_yaml(config_file), {}))
     assert not marker.exists()
+    # the interrupted trials are remembered beside the journal (which drops them), should the driver die again
+    interrupted_before = {e["trial_id"] for e in journal.values() if e["status"] == "running"}
+    assert set(json.loads((run_dir / "sweep.json").read_text())["interrupted_trials"]) == interrupted_before
+    assert [p.stat().st_mtime_ns for p in (run_dir / "profiles").glob("*/expert_scores.json")] == [profile_mtime]  # profiled once
+    results = {p.parent.name: p for p in (run_dir / "trials").glob("*/result.json")}
+    assert len(results) == 1  # 2 trials, 1 distinct selection
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished_before.items())  # not redone
+
     rows = summary["rows"]
-    assert len(rows) == 2 and first in {r["trial_id"] for r in rows}  # the searcher did not start over
-    assert not any(r["status"].startswith(("failed", "interrupted")) for r in rows)
-    _, parents, trials = mlflow_runs(run_dir)
+    assert len(rows) == 2 and first["trial_id"] in {r["trial_id"] for r in rows}
+    assert not any(r["status"].startswith(("failed", "interrupted", "stopped")) for r in rows)
+    [second] = [r for r in rows if r["trial_id"] != first["trial_id"]]
+    assert second["score_function"] == "gate"  # the searcher did not start over: the second point, not the first again
+    assert second["status"] == f"same selection as {first['trial_id']}" and second["experts"] == 48  # 16 x 3 MoE layers
+    original = next(r for r in rows if r["trial_id"] == first["trial_id"])
+    assert second["metric"] == original["metric"] and second["work_dir"] == original["work_dir"]
+    table_rows = [line for line in (run_dir / "sweep_summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table_rows) == 3  # header + 2 trials
+
+    client, parents, trials = mlflow_runs(run_dir)
     assert len(parents) == 1 and sorted(t.data.tags["esft.trial_id"] for t in trials) == sorted(r["trial_id"] for r in rows)
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert {"score_function", "experts_per_layer", "selected_experts", "trainable_parameters", "method", "base_model",
+                "data_hash"} <= set(run.data.params)
+        assert {"numeric", "general_loss", "valid_loss", "tokens_per_second", "train_seconds",
+                "objective"} <= set(run.data.metrics)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]  # per-step curve
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_loss")] == [2, 4]  # at each evaluation
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"expert_cfg.json", "selection.png", "heatmap.png"} <= artifacts
+        assert ("adapter" in artifacts) != ("esft.duplicate_of" in run.data.tags)  # only trained trials carry an adapter
+
+    registered = summary["registered"]
+    assert registered["version"] == "1" and registered["champion"]
+    version = client.get_model_version_by_alias("tune-test", "champion")
+    assert version.tags["selected_experts"] == str(summary["best"]["experts"]) and version.tags["metric_name"] == "numeric"
+    assert version.tags["base_model"] == str(assets / "model") and version.tags["base_source"] == "logged"  # small: it travels
+    model, _base = load_registered("models:/tune-test@champion", tracking_uri=summary["tracking_uri"])
+    untouched = dict(AutoModelForCausalLM.from_pretrained(assets / "model").named_parameters())
+    changed = [n for n, p in merge_adapter(model).named_parameters() if not torch.equal(p, untouched[n])]
+    assert changed and all(".mlp.experts." in n for n in changed)  # the adapter is in
 
 
 def test_a_sweep_resumes_only_on_the_same_settings_and_the_same_data(tmp_path):
@@ -468,6 +450,27 @@ def test_a_sweep_resumes_only_on_the_same_settings_and_the_same_data(tmp_path):
     # a sweep started before its inputs were recorded resumes on its settings alone
     (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": "settings-a", "parent_run_id": "r0"}))
     assert _sweep_state(tmp_path, "settings-a", "data-c", restart=False)[0]["parent_run_id"] == "r0"
+
+
+def test_a_resumed_grid_runs_the_points_no_earlier_life_completed(assets, tmp_path):
+    from pipeline.config import build_config, read_yaml
+    from pipeline.tune import SweepConfig, _tune_config, grid_points
+
+    config = build_config(SweepConfig, read_yaml(sweep_yaml(assets, tmp_path / "grid")), {})
+    points = grid_points(config.space())  # budget 1 / 16 experts x token / gate: 4 points
+    assert len(points) == 4
+    # an earlier life: the first point finished, the second stopped early, the third failed, the fourth was running
+    journal = {str(i): {"trial_id": str(i), "config": {**point, "kind": "x"}, "status": status, "result": {}}
+               for i, (point, status) in enumerate(zip(points, ["finished", "stopped", "failed", "running"]))}
+    search = _tune_config(config, config.train, "max", journal).search_alg
+    assert [search.suggest(str(i)) for i in range(2)] == [points[3], search.FINISHED]  # the interrupted one runs again
+    search = _tune_config(config, config.train, "max", {k: journal[k] for k in ("0", "3")}).search_alg
+    assert [search.suggest(str(i)) for i in range(4)] == [points[1], points[2], points[3], search.FINISHED]
+    all_done = {**journal, "3": {**journal["3"], "status": "finished"}}
+    assert _tune_config(config, config.train, "max", all_done) is None  # nothing left to run
+    # the trial's learning rate is part of the point: the same selection at another lr is still to run
+    other_lr = {"0": {**journal["0"], "config": {**points[0], "lr": 0.5}}}
+    assert _tune_config(config, config.train, "max", other_lr).search_alg.suggest("0") == points[0]
 
 
 def test_a_resumed_sweep_deletes_the_runs_of_the_trials_it_reruns(tmp_path):
