@@ -1,10 +1,11 @@
 """`esft tune`: sweeps of 1-3 trials on a tiny model: MLflow parent + nested runs, one profile, a duplicate
 selection not retrained, the registry entry, a driver that dies and resumes, a failed trial; ASHA stopping
 a trial early from its forwarded validation steps; Optuna's proposals and a searcher that survives a dead
-driver."""
+driver; bench/asha_replay.py replaying recorded curves through ASHA."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -495,3 +496,41 @@ def test_a_resumed_sweep_deletes_the_runs_of_the_trials_it_reruns(tmp_path):
     assert [tracker.trial_run_id(t) is None for t in ("logged", "half-logged", "kept")] == [True, True, False]
     assert SweepTracker(uri, other_sweep, "model", "data").trial_run_id("logged") is not None  # not this sweep's
     assert tracker.forget(["logged"]) == 0  # again, as a driver that died once more would: nothing left
+
+
+def test_asha_replay_gives_the_stops_asha_makes_on_recorded_curves(tmp_path):
+    """bench/asha_replay.py on a hand-made sweep record. Expected by hand: rungs at steps 2 and 4 of 8
+    (grace 2, reduction factor 2); a trial continues at a rung unless its loss is worse than the median of
+    the trials that reached it before (one earlier trial: that trial's loss)."""
+    from mlflow import MlflowClient
+
+    spec = importlib.util.spec_from_file_location("bench_asha_replay", ROOT / "bench" / "asha_replay.py")
+    asha_replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(asha_replay)
+    recorded_sweep, replay = asha_replay.recorded_sweep, asha_replay.replay
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("esft-sweeps")
+    parent = client.create_run(experiment, tags={"esft.kind": "sweep"}, start_time=1)
+    client.log_param(parent.info.run_id, "scheduler", json.dumps({"metric": "valid_loss", "grace_period": 2,
+                                                                  "reduction_factor": 2.0}))
+    curves = {"a": {2: 1.0, 4: 0.8, 6: 0.6, 8: 0.5}, "b": {2: 1.2}, "c": {2: 0.9, 4: 0.85}}
+    for start, (trial_id, curve) in enumerate(curves.items(), start=2):
+        stopped = trial_id != "a"
+        run = client.create_run(experiment, start_time=start, tags={
+            "esft.kind": "trial", "esft.trial_id": trial_id, "mlflow.parentRunId": parent.info.run_id,
+            **({"esft.early_stopped": "true"} if stopped else {})})
+        for step, value in curve.items():
+            client.log_metric(run.info.run_id, "valid_loss", value, step=step)
+            client.log_metric(run.info.run_id, "loss", value, step=step)
+        if not stopped:
+            client.log_metric(run.info.run_id, "objective", 0.25)
+    sweep = recorded_sweep(tmp_path)
+    assert sweep["steps"] == 8 and [t["trial_id"] for t in sweep["trials"]] == ["a", "b", "c"]
+    recorded = replay(sweep, grace=2, reduction_factor=2)
+    # a: alone at every rung; b: worse than a at step 2; c: better than the median (1.1) of a and b at step 2,
+    # worse than a at step 4
+    assert recorded["fates"] == ["full", 2, 4] and recorded["steps_trained"] == 8 + 2 + 4
+    assert recorded["best_objective"] == 0.25 and recorded["unknown"] == 0
+    # grace 4: b passes step 4 only if it has a value there; its curve ends at 2, so its fate is unknown
+    assert replay(sweep, grace=4, reduction_factor=2)["fates"] == ["full", ">2?", 4]
