@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,6 @@ def mlflow_runs(run_dir: Path):
 def kill_driver_after(config_file: Path, run_dir: Path, env: dict, completed_trials: int) -> dict:
     """`esft tune` in its own process, killed (SIGKILL: a crash, or a lost head node) as soon as its journal
     records `completed_trials` completed trials; returns the journal as it was then."""
-    import time
-
     from pipeline.sweep_journal import completed, load_journal
 
     log = run_dir.parent / f"{run_dir.name}-driver.log"
@@ -144,6 +143,46 @@ def test_a_failing_trial_is_marked_failed_in_mlflow(assets, tmp_path, fresh_ray,
     assert [t.info.status for t in trials] == ["FAILED"] and "esft.error" in trials[0].data.tags
     assert parents[0].info.status == "FAILED"
     assert json.loads((run_dir / "sweep_summary.json").read_text())["registered"] is None
+
+
+def test_an_abort_that_hangs_kills_the_train_controller(fresh_ray, monkeypatch):
+    """A stopped trial's Train controller that cannot take the abort call (e.g. blocked on a full report queue)
+    is killed after ABORT_TIMEOUT_S; one that takes it is left to end by itself."""
+    import ray
+    from ray.exceptions import RayActorError
+    from ray.util.queue import Queue
+
+    import pipeline.tune as tune_module
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def __init__(self, hangs: bool):
+            self.hangs = hangs
+
+        def abort(self):
+            if self.hangs:
+                time.sleep(3600)
+
+        def alive(self):
+            return True
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    monkeypatch.setattr(tune_module, "ABORT_TIMEOUT_S", 1)
+    for hangs in (False, True):
+        controller = Controller.remote(hangs)
+        tune_module._LIVE_TRAIN_RUN.clear()
+        tune_module._LIVE_TRAIN_RUN["handoff"] = Queue(actor_options={"num_cpus": 0})
+        tune_module._LIVE_TRAIN_RUN["handoff"].put(controller)
+        started = time.monotonic()
+        tune_module._abort_live_train_run()
+        assert tune_module._LIVE_TRAIN_RUN["aborted"]
+        if hangs:
+            assert 1 <= time.monotonic() - started < 30
+            with pytest.raises(RayActorError):
+                ray.get(controller.alive.remote(), timeout=30)
+        else:
+            assert ray.get(controller.alive.remote(), timeout=30)
+    tune_module._LIVE_TRAIN_RUN.clear()
 
 
 def test_sweep_config_errors_are_clear(assets, tmp_path):
@@ -304,8 +343,6 @@ def _train_actors_left() -> list[str]:
 
 @pytest.mark.slow  # a whole sweep
 def test_asha_stops_a_falling_behind_trial_cleanly(assets, tmp_path, fresh_ray, monkeypatch):
-    import time
-
     import ray
 
     from pipeline.config import build_config, read_yaml
@@ -362,14 +399,17 @@ def test_a_searched_sweep_survives_a_dead_driver_and_registers_the_best_trial(as
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the sweep's default: SQLite in its run dir
     run_dir = tmp_path / "sweep"
-    # Optuna + ASHA, 2 trials, both fixed by the starting points: all 16 experts ranked by token, then by gate.
-    # That is one selection, so the second trial must reuse the first one's result, which the dead driver trained
-    # (and replay its validation steps to ASHA). A searcher that started over would propose the first point again.
+    # Optuna + ASHA, 3 trials, all fixed by the starting points and run in this order: all 16 experts ranked by
+    # token, the same ranked by gate (one selection: it must reuse the first one's result, replaying its validation
+    # steps to ASHA, which cannot stop it on an equal curve), then the first at lr 0.5 (far ahead of lr 1e-3 at
+    # ASHA's rung on this tiny model). The driver dies after the second: a searcher that started over would
+    # propose the first point again instead of the third.
     points = [{"kind": "token_budget", "experts_per_layer": 16, "lr": 1e-3, "train_shared_experts": False},
-              {"kind": "gate_budget", "experts_per_layer": 16, "lr": 1e-3, "train_shared_experts": False}]
+              {"kind": "gate_budget", "experts_per_layer": 16, "lr": 1e-3, "train_shared_experts": False},
+              {"kind": "token_budget", "experts_per_layer": 16, "lr": 0.5, "train_shared_experts": False}]
     config_file = sweep_yaml(assets, run_dir, scheduler={"grace_period": 2},
-                             searcher={"num_samples": 2, "startup_trials": 1, "kinds": ["token_budget", "gate_budget"],
-                                       "experts_per_layer": [1, 16], "lr": [1e-4, 1e-2], "points_to_evaluate": points})
+                             searcher={"num_samples": 3, "startup_trials": 1, "kinds": ["token_budget", "gate_budget"],
+                                       "experts_per_layer": [1, 16], "lr": [1e-4, 0.5], "points_to_evaluate": points})
     config = yaml.safe_load(config_file.read_text())
     config.pop("search")
     config_file.write_text(yaml.safe_dump(config))
@@ -377,11 +417,13 @@ def test_a_searched_sweep_survives_a_dead_driver_and_registers_the_best_trial(as
     # without a dashboard: a cold Ray start per driver is what a loaded 2-core machine struggles with.
     ray.init(num_cpus=2, include_dashboard=False)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    # 1. the driver is killed once its first trial completed (the second may be under way: it is interrupted)
-    journal = kill_driver_after(config_file, run_dir, env, completed_trials=1)
-    [first] = [e for e in journal.values() if e["status"] == "finished"]
-    assert first["config"]["selection"] == {"score_function": "token", "experts_per_layer": 16}
-    finished_before = {p: p.stat().st_mtime_ns for p in [Path(first["result"]["work_dir"]) / "result.json"]}
+    # 1. the driver is killed once two trials completed (the third, which trains, may be under way: it is interrupted)
+    journal = kill_driver_after(config_file, run_dir, env, completed_trials=2)
+    done = sorted((e for e in journal.values() if e["status"] == "finished"), key=lambda e: e["result"]["duplicate_of"])
+    assert [e["config"]["selection"]["score_function"] for e in done] == ["token", "gate"]
+    trained, duplicate = done
+    assert duplicate["result"]["duplicate_of"] == trained["trial_id"]
+    finished_before = {p: p.stat().st_mtime_ns for p in [Path(trained["result"]["work_dir"]) / "result.json"]}
     profiles = list((run_dir / "profiles").glob("*/expert_scores.json"))
     assert len(profiles) == 1
     profile_mtime = profiles[0].stat().st_mtime_ns
@@ -394,23 +436,22 @@ def test_a_searched_sweep_survives_a_dead_driver_and_registers_the_best_trial(as
     interrupted_before = {e["trial_id"] for e in journal.values() if e["status"] == "running"}
     assert set(json.loads((run_dir / "sweep.json").read_text())["interrupted_trials"]) == interrupted_before
     assert [p.stat().st_mtime_ns for p in (run_dir / "profiles").glob("*/expert_scores.json")] == [profile_mtime]  # profiled once
-    results = {p.parent.name: p for p in (run_dir / "trials").glob("*/result.json")}
-    assert len(results) == 1  # 2 trials, 1 distinct selection
+    assert len(list((run_dir / "trials").glob("*/result.json"))) == 2  # 3 trials, 2 distinct (selection, lr)
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished_before.items())  # not redone
 
-    rows = summary["rows"]
-    assert len(rows) == 2 and first["trial_id"] in {r["trial_id"] for r in rows}
-    assert not any(r["status"].startswith(("failed", "interrupted", "stopped")) for r in rows)
-    [second] = [r for r in rows if r["trial_id"] != first["trial_id"]]
-    assert second["score_function"] == "gate"  # the searcher did not start over: the second point, not the first again
-    assert second["status"] == f"same selection as {first['trial_id']}" and second["experts"] == 48  # 16 x 3 MoE layers
-    original = next(r for r in rows if r["trial_id"] == first["trial_id"])
-    assert second["metric"] == original["metric"] and second["work_dir"] == original["work_dir"]
+    rows = {r["trial_id"]: r for r in summary["rows"]}
+    assert len(rows) == 3 and {trained["trial_id"], duplicate["trial_id"]} <= rows.keys()
+    assert [r["status"] for r in rows.values()].count("trained") == 2  # nothing failed, interrupted or stopped
+    [resumed] = [r for r in rows.values() if r["trial_id"] not in (trained["trial_id"], duplicate["trial_id"])]
+    assert resumed["lr"] == 0.5  # the searcher did not start over: the third point, not the first again
+    assert rows[duplicate["trial_id"]]["status"] == f"same selection as {trained['trial_id']}"
+    assert rows[duplicate["trial_id"]]["experts"] == 48  # 16 experts x 3 MoE layers
+    assert rows[duplicate["trial_id"]]["metric"] == rows[trained["trial_id"]]["metric"]
     table_rows = [line for line in (run_dir / "sweep_summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table_rows) == 3  # header + 2 trials
+    assert len(table_rows) == 4  # header + 3 trials
 
     client, parents, trials = mlflow_runs(run_dir)
-    assert len(parents) == 1 and sorted(t.data.tags["esft.trial_id"] for t in trials) == sorted(r["trial_id"] for r in rows)
+    assert len(parents) == 1 and sorted(t.data.tags["esft.trial_id"] for t in trials) == sorted(rows)
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parents[0].info.run_id}
     for run in trials:
         assert run.info.status == "FINISHED"
