@@ -38,13 +38,22 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """A local Ray with 2 CPUs for one test module (request it with pytestmark)."""
+    """A local Ray with 2 CPUs, started once for all the test modules that ask for it (with pytestmark). Those
+    modules run last (`pytest_collection_modifyitems`), so no test that needs a cluster of its own comes between
+    them, and the cluster's start-up and shutdown (~5 s, more on a busy machine) is paid once, not per module."""
     ray = pytest.importorskip("ray")
+    if ray.is_initialized():  # a cluster that some earlier test left running
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests on the shared local Ray (`local_ray`) run after all the others, each group in its usual order."""
+    items.sort(key=lambda item: "local_ray" in getattr(item, "fixturenames", ()))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
