@@ -49,11 +49,11 @@ def recorded_sweep(run_dir: Path) -> dict:
         raise SystemExit(f"asha_replay: {run_dir} holds no sweep run")
     parent = parents[-1]
     scheduler = json.loads(parent.data.params.get("scheduler", "null") or "null") or {}
+    metric = scheduler.get("metric", "valid_loss")
     trials = []
     for run in runs:
         if run.data.tags.get("esft.kind") != "trial" or run.data.tags.get("mlflow.parentRunId") != parent.info.run_id:
             continue
-        metric = scheduler.get("metric", "valid_loss")
         curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
         losses = client.get_metric_history(run.info.run_id, "loss")
         trials.append({"trial_id": run.data.tags.get("esft.trial_id", run.info.run_id[:8]), "curve": curve,
@@ -66,10 +66,10 @@ def recorded_sweep(run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "scheduler": scheduler, "steps": max(finished), "trials": trials}
 
 
-def replay(sweep: dict, grace: int, reduction_factor: float, mode: str | None = None) -> dict:
+def replay(sweep: dict, grace: int, reduction_factor: float) -> dict:
     """Each trial's fate under ASHA(grace, reduction_factor): the step it stops at, "full", or ">N?" (unknown)."""
     metric = sweep["scheduler"].get("metric", "valid_loss")
-    config = SchedulerConfig(metric=metric, mode=mode or sweep["scheduler"].get("mode"), grace_period=grace,
+    config = SchedulerConfig(metric=metric, mode=sweep["scheduler"].get("mode"), grace_period=grace,
                              reduction_factor=reduction_factor)
     scheduler = make_scheduler(config, {"steps": sweep["steps"], "eval_every": grace}, objective_mode="max")
     fates, steps_trained = [], 0
@@ -81,10 +81,15 @@ def replay(sweep: dict, grace: int, reduction_factor: float, mode: str | None = 
             if scheduler.on_trial_result(None, trial, {"step": step, metric: recorded["curve"][step]}) == TrialScheduler.STOP:
                 fate = step
                 break
-        if fate is None:
-            fate = "full" if not recorded["early_stopped"] else f">{recorded['last_step']}?"
+        if isinstance(fate, int):
+            steps_trained += fate
+        elif recorded["early_stopped"]:  # passed every rung it has a value for; its curve ends there
+            fate = f">{recorded['last_step']}?"
+            steps_trained += recorded["last_step"]
+        else:
+            fate = "full"
+            steps_trained += sweep["steps"]
         fates.append(fate)
-        steps_trained += sweep["steps"] if fate == "full" else fate if isinstance(fate, int) else recorded["last_step"]
     finishers = [t["objective"] for t, fate in zip(sweep["trials"], fates) if fate == "full" and t["objective"] is not None]
     return {"grace": grace, "reduction_factor": reduction_factor, "fates": fates,
             "trained_to_the_end": fates.count("full"), "unknown": sum(isinstance(f, str) and f != "full" for f in fates),

@@ -55,8 +55,8 @@ def sweep_yaml(assets: Path, run_dir: Path, **extra) -> Path:
         "train": {"workers": 1, "deepspeed": "zero0", "steps": 4, "batch_size": 2, "seq_len": 64, "lr": 1e-3,
                   "eval_every": 2, "save_every": 4, "eval_rows": 4},
         "eval": {"metric": ["numeric"], "max_new_tokens": 6, "batch_size": 20},
-        # 2 x 2: token / gate ranking x a budget of 1 or all 16 experts; "all 16" is the same selection
-        # for both score functions, so the fourth trial must reuse the second one's result.
+        # A grid of 2 x 2 points: token / gate ranking x a budget of 1 or all 16 experts ("all 16" is one selection
+        # for both score functions). The sweeps below narrow it, or replace it with a searcher.
         "search": {"token_top_p": [], "gate_top_p": [], "experts_per_layer": [1, 16],
                    "budget_score_functions": ["token", "gate"]},
         "register": {"model_name": "tune-test"}, **extra,
