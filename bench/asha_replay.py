@@ -36,9 +36,9 @@ class _Trial:
         self.trial_id = trial_id
 
 
-def recorded_sweep(run_dir: Path) -> dict:
+def recorded_sweep(run_dir: Path, metric: str | None = None) -> dict:
     """The last sweep logged in `run_dir`'s MLflow store: its scheduler settings and its trials in start order,
-    each with its validation curve and objective."""
+    each with its curve of `metric` (default: the one its scheduler watched, else validation loss) and objective."""
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("esft-sweeps")
     if experiment is None:
@@ -49,6 +49,8 @@ def recorded_sweep(run_dir: Path) -> dict:
         raise SystemExit(f"asha_replay: {run_dir} holds no sweep run")
     parent = parents[-1]
     scheduler = json.loads(parent.data.params.get("scheduler", "null") or "null") or {}
+    if metric and metric != scheduler.get("metric", "valid_loss"):  # another metric: its mode follows it
+        scheduler = {**scheduler, "metric": metric, "mode": None}
     metric = scheduler.get("metric", "valid_loss")
     trials = []
     for run in runs:
@@ -63,6 +65,8 @@ def recorded_sweep(run_dir: Path) -> dict:
     finished = [t["last_step"] for t in trials if not t["early_stopped"]]
     if not finished:
         raise SystemExit(f"asha_replay: no trial of {run_dir} trained to its end, so the number of steps is unknown")
+    if not any(t["curve"] for t in trials):
+        raise SystemExit(f"asha_replay: {run_dir}'s trials have no {metric} curve (a sweep from before it was logged?)")
     return {"run_dir": str(run_dir), "scheduler": scheduler, "steps": max(finished), "trials": trials}
 
 
@@ -101,15 +105,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="sweep run directories (each with its mlflow.db)")
     parser.add_argument("--grace", type=int, nargs="+", help="grace periods to try (default: the sweep's own)")
     parser.add_argument("--reduction-factor", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--metric", help="replay this step metric instead of the recorded scheduler's (e.g. "
+                        "valid_answer_accuracy; a grid's trials never stopped, so every curve is whole)")
     parser.add_argument("--json", type=Path, help="also write the replays here")
     args = parser.parse_args(argv)
     out = []
     for run_dir in args.run_dirs:
-        sweep = recorded_sweep(run_dir)
+        sweep = recorded_sweep(run_dir, args.metric)
         own = (sweep["scheduler"].get("grace_period"), sweep["scheduler"].get("reduction_factor"))
         recorded_steps = sum(sweep["steps"] if not t["early_stopped"] else t["last_step"] for t in sweep["trials"])
-        print(f"\n{run_dir}: {len(sweep['trials'])} trials of {sweep['steps']} steps, recorded with ASHA "
-              f"grace {own[0]} / reduction factor {own[1]}: {recorded_steps} steps trained")
+        if not (args.grace or own[0]):
+            raise SystemExit(f"asha_replay: {run_dir} ran without a scheduler; give --grace")
+        recorded = f"ASHA grace {own[0]} / reduction factor {own[1]}" if own[0] else "no scheduler"
+        print(f"\n{run_dir}: {len(sweep['trials'])} trials of {sweep['steps']} steps, recorded with {recorded}: "
+              f"{recorded_steps} steps trained; replayed on {sweep['scheduler']['metric']}")
         print(f"{'grace':>5} {'rf':>4}  {'trained to the end':>18}  {'steps trained':>13}  {'best objective':>14}  "
               "fates (in start order)")
         replays = []

@@ -58,9 +58,10 @@ QUICK = {"profile": {"n_sample_tokens": 1024, "seq_len": 64, "batch_size": 8},
          "eval": {"max_new_tokens": 8}}
 
 
-def load_variants(quick: bool, steps: int | None = None, eval_every: int | None = None) -> dict[str, SweepConfig]:
+def load_variants(quick: bool, steps: int | None = None, eval_every: int | None = None,
+                  scheduler_metric: str | None = None) -> dict[str, SweepConfig]:
     """Both shipped sweeps; `steps` / `eval_every` lengthen every trial of both (validation, checkpoints
-    and ASHA's first rung at every `eval_every` steps)."""
+    and ASHA's first rung at every `eval_every` steps); `scheduler_metric` replaces the search's ASHA metric."""
     configs = {name: build_config(SweepConfig, read_yaml(path), {}, where=str(path)) for name, path in VARIANTS.items()}
     for config in configs.values():
         config.register = {**config.register, "enabled": False}  # nothing to register: this compares searches
@@ -73,6 +74,9 @@ def load_variants(quick: bool, steps: int | None = None, eval_every: int | None 
         if quick:
             for section, values in QUICK.items():
                 getattr(config, section).update(values)
+    if scheduler_metric:
+        configs["search"].scheduler.update(metric=scheduler_metric)
+        configs["search"].validate("bench/sweep.py")
     if quick:
         configs["grid"].search = {**configs["grid"].search, "token_top_p": [0.2], "gate_top_p": [0.1]}
         configs["search"].searcher.update(startup_trials=1)
@@ -166,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sweeps: checks the script, measures nothing")
     parser.add_argument("--steps", type=int, help="training steps of every trial (default: the configs')")
     parser.add_argument("--eval-every", type=int, help="validation / checkpoint / ASHA rung interval (default: the configs')")
+    parser.add_argument("--scheduler-metric", help="the search's ASHA metric (default: configs/sweep_asha.yaml's), "
+                        "e.g. valid_answer_accuracy")
     parser.add_argument("--out", default="runs/bench_sweep", help="run directories (one per sweep and round)")
     parser.add_argument("--results", help=f"JSON to write (default {RESULTS.relative_to(ROOT)}; --quick: OUT/quick.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # each sweep keeps its own SQLite store in its run directory
     out = Path(args.out).resolve()
-    configs = load_variants(args.quick, args.steps, args.eval_every)
+    configs = load_variants(args.quick, args.steps, args.eval_every, args.scheduler_metric)
     shared_profiles = out / "profiles"
     shared_profiles.mkdir(parents=True, exist_ok=True)
     raw: dict[str, list[dict]] = {"grid": [], "search": []}

@@ -53,3 +53,19 @@ def mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float
     if tokens == 0:
         raise DataError("no loss tokens in the evaluation batches")
     return total / tokens
+
+
+def answer_matches(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Teacher-forced exact match of the answers in a batch of packed rows: (answers whose every
+    labelled token is the model's argmax given the gold text before it, answers). An answer is a
+    maximal run of labelled positions in a row (one assistant turn and its EOS; an answer cut by the
+    row's end counts as its own). A greedy decoder writes exactly the gold answer, and stops, iff every
+    one of its tokens is the argmax after the gold prefix, so this is greedy generation's exact match on
+    the same prompts, read from the forward that computes the loss instead of a decoding loop."""
+    targets = labels[:, 1:]
+    labelled = targets != -100
+    missed = labelled & (logits[:, :-1].argmax(-1) != targets)
+    starts = labelled & ~torch.nn.functional.pad(labelled[:, :-1], (1, 0), value=False)  # per row: a row starts a run
+    answer_ids = starts.flatten().cumsum(0).view_as(starts)
+    answers = int(starts.sum())
+    return answers - int(answer_ids[missed].unique().numel()), answers

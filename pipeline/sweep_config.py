@@ -11,8 +11,10 @@ from pipeline.cache_keys import digest
 from pipeline.config import ConfigError, build_config
 from pipeline.run import PipelineConfig
 
-STEP_OBJECTIVE_METRICS = ("valid_loss", "general_loss")  # objectives that every validation step measures
-SCHEDULER_METRICS = ("valid_loss", "general_loss", "loss")  # what a Train report carries at every validation step
+# Objectives that every validation step measures (valid_answer_accuracy: the share of validation answers the
+# model writes exactly, teacher-forced; esft.training.answer_matches)
+STEP_OBJECTIVE_METRICS = ("valid_loss", "valid_answer_accuracy", "general_loss")
+SCHEDULER_METRICS = ("valid_loss", "valid_answer_accuracy", "general_loss", "loss")  # in every validation step's report
 
 
 @dataclass
@@ -146,8 +148,8 @@ class SchedulerConfig:
     (a trial that trained to the end is evaluated)."""
 
     algorithm: str = "asha"
-    metric: str = "valid_loss"  # valid_loss, general_loss, loss, or objective when the objective is a loss
-    mode: str | None = None  # default: min for losses, else the objective's mode
+    metric: str = "valid_loss"  # one of SCHEDULER_METRICS, or objective when the objective is one of those
+    mode: str | None = None  # default: min for losses, max for valid_answer_accuracy, the objective's mode for objective
     grace_period: int | None = None  # in training steps; default: the first validation (train.eval_every)
     reduction_factor: float = 2.0
 
@@ -156,7 +158,8 @@ class SchedulerConfig:
             raise ConfigError(f"tune: scheduler.algorithm {self.algorithm!r} is not known; use asha")
         if self.metric not in SCHEDULER_METRICS and not (self.metric == "objective" and objective_per_step):
             raise ConfigError(f"tune: scheduler.metric must be one of {', '.join(SCHEDULER_METRICS)} (metrics every validation "
-                              "step reports), or objective when objective.metric is valid_loss or general_loss")
+                              "step reports), or objective when objective.metric is one of "
+                              f"{', '.join(STEP_OBJECTIVE_METRICS)}")
         if self.mode not in (None, "min", "max"):
             raise ConfigError("tune: scheduler.mode must be min or max")
         if self.grace_period is not None and (not isinstance(self.grace_period, int) or self.grace_period < 1):

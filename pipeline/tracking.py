@@ -20,7 +20,7 @@ from ray.tune import Callback
 TRIAL_TAG = "esft.trial_id"
 EARLY_STOPPED_TAG = "esft.early_stopped"
 PARENT_TAG = "mlflow.parentRunId"
-STEP_METRICS = ("loss", "valid_loss", "general_loss", "tokens_per_second")
+STEP_METRICS = ("loss", "valid_loss", "valid_answer_accuracy", "general_loss", "tokens_per_second")
 
 
 def start_parent_run(tracking_uri: str, experiment: str, artifact_root: Path | None, sweep_name: str, params: dict,

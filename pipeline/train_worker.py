@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from esft.io import atomic_write_text
-from esft.training import PAPER_BETAS, PAPER_GRAD_CLIP
+from esft.training import PAPER_BETAS, PAPER_GRAD_CLIP, answer_matches
 from pipeline.deepspeed_config import load_deepspeed_config
 from pipeline.train_config import TrainConfig
 
@@ -57,9 +57,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   "tokens_per_second": tokens_per_step * config.seq_len / (now - last_time)}
         last_time = now
         if step % config.eval_every == 0 or step == config.steps:
-            record["valid_loss"] = _evaluate(engine, data["valid"], config, rank, world, device)
+            record["valid_loss"], record["valid_answer_accuracy"] = _evaluate(engine, data["valid"], config, rank, world,
+                                                                              device)
             if "general" in data:
-                record["general_loss"] = _evaluate(engine, data["general"], config, rank, world, device)
+                record["general_loss"] = _evaluate(engine, data["general"], config, rank, world, device)[0]
             last_time = time.perf_counter()  # evaluation is not training throughput
         history.append(record)
         if rank == 0:
@@ -176,23 +177,29 @@ def _mean_over_ranks(value: float, device) -> float:
     return float(tensor)
 
 
-def _evaluate(engine, rows: np.ndarray, config: TrainConfig, rank: int, world: int, device) -> float:
-    """Token-weighted mean loss over the first `eval_rows` rows, split across ranks."""
+def _evaluate(engine, rows: np.ndarray, config: TrainConfig, rank: int, world: int, device) -> tuple[float, float]:
+    """Over the first `eval_rows` rows, split across ranks: the token-weighted mean loss, and the share of
+    answers the model gets exactly right under teacher forcing (`answer_matches`: greedy generation's exact
+    match, from the same forward)."""
     import torch
     import torch.distributed as dist
 
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss x tokens, tokens, answers matched, answers
     engine.eval()
     with torch.no_grad():
         for index in range(rank, min(len(rows), config.eval_rows), world):
             batch = _rows(rows, index, 1, device)
             tokens = int((batch["labels"][:, 1:] != -100).sum())
             if tokens:
-                totals += torch.tensor([float(engine(**batch).loss) * tokens, tokens], dtype=torch.float64, device=device)
+                output = engine(**batch)
+                matched, answers = answer_matches(output.logits, batch["labels"])
+                totals += torch.tensor([float(output.loss) * tokens, tokens, matched, answers], dtype=torch.float64,
+                                       device=device)
     engine.train()
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] else float("nan")
+    loss = float(totals[0] / totals[1]) if totals[1] else float("nan")
+    return loss, float(totals[2] / totals[3]) if totals[3] else float("nan")
 
 
 def _log_progress(record: dict, config: TrainConfig, history: list[dict], progress_file: str) -> None:
@@ -200,7 +207,8 @@ def _log_progress(record: dict, config: TrainConfig, history: list[dict], progre
     driver echoes: `echo_progress`)."""
     rates = [r["tokens_per_second"] for r in history[-10:]]
     eta = (config.steps - record["step"]) * config.batch_size * config.grad_accum * config.seq_len / max(np.mean(rates), 1e-9)
-    extra = "".join(f"  {k} {record[k]:.4f}" for k in ("valid_loss", "general_loss") if k in record)
+    extra = "".join(f"  {k} {record[k]:.4f}" for k in ("valid_loss", "valid_answer_accuracy", "general_loss")
+                    if k in record)
     line = (f"step {record['step']}/{config.steps}  loss {record['loss']:.4f}{extra}  "
             f"{record['tokens_per_second']:.0f} tokens/s  ETA {eta:.0f}s")
     print(f"[esft train] {line}", flush=True)
@@ -249,6 +257,8 @@ def _save_and_report(engine, trainable, config: TrainConfig, step: int, history:
                 metrics = {
                     "method": config.method, "history": history,
                     "final_valid_loss": next((r["valid_loss"] for r in reversed(history) if "valid_loss" in r), None),
+                    "final_valid_answer_accuracy": next((r["valid_answer_accuracy"] for r in reversed(history)
+                                                         if "valid_answer_accuracy" in r), None),
                     "final_general_loss": next((r["general_loss"] for r in reversed(history) if "general_loss" in r), None),
                     "trainable_parameters": sum(p.numel() for p in trainable),
                     "optimizer_state_bytes": state_bytes,

@@ -254,6 +254,7 @@ def _train_and_evaluate(work: Path, key: str, expert_config, selection: dict, se
     return {
         **evaluated,
         "valid_loss": trained.get("final_valid_loss"),
+        "valid_answer_accuracy": trained.get("final_valid_answer_accuracy"),
         "general_loss_during_training": trained.get("final_general_loss"),
         "trainable_parameters": trained["trainable_parameters"],
         "tokens_per_second": trained["tokens_per_second"],
@@ -417,7 +418,8 @@ def make_scheduler(scheduler: SchedulerConfig, train: dict, objective_mode: str)
     if grace >= train["steps"]:
         raise ConfigError(f"tune: scheduler.grace_period ({grace}) must be below train.steps ({train['steps']}); "
                           "a trial can only be stopped before its last step")
-    mode = scheduler.mode or ("min" if scheduler.metric.endswith("loss") else objective_mode)
+    mode = scheduler.mode or (objective_mode if scheduler.metric == "objective"
+                              else "min" if scheduler.metric.endswith("loss") else "max")
     return ASHAScheduler(time_attr="step", metric=scheduler.metric, mode=mode, grace_period=grace,
                          reduction_factor=scheduler.reduction_factor, max_t=train["steps"] - 1, stop_last_trials=False)
 

@@ -226,6 +226,18 @@ def test_shipped_sweep_configs_build_their_search():
     assert tune_config.scheduler.metric == "valid_loss" and tune_config.search_alg.metric == "objective"
 
 
+def test_asha_maximises_answer_accuracy_and_minimises_losses_whatever_the_objective():
+    from pipeline.tune import SchedulerConfig, make_scheduler
+
+    train = {"steps": 8, "eval_every": 2}
+    for objective_mode in ("max", "min"):
+        modes = {metric: make_scheduler(SchedulerConfig(metric=metric), train, objective_mode)._mode
+                 for metric in ("valid_answer_accuracy", "valid_loss", "general_loss", "loss", "objective")}
+        assert modes == {"valid_answer_accuracy": "max", "valid_loss": "min", "general_loss": "min", "loss": "min",
+                         "objective": objective_mode}
+    assert make_scheduler(SchedulerConfig(metric="valid_answer_accuracy", mode="min"), train, "max")._mode == "min"
+
+
 def test_optuna_proposals_stay_inside_the_declared_ranges():
     from pipeline.sweep_journal import optuna_history
     from pipeline.tune import SearcherConfig, make_searcher
@@ -575,3 +587,11 @@ def test_asha_replay_gives_the_stops_asha_makes_on_recorded_curves(tmp_path):
     assert recorded["best_objective"] == 0.25 and recorded["unknown"] == 0
     # grace 4: b passes step 4 only if it has a value there; its curve ends at 2, so its fate is unknown
     assert replay(sweep, grace=4, reduction_factor=2)["fates"] == ["full", ">2?", 4]
+
+    # Another metric than the recorded scheduler's, maximised: a alone at every rung; b better than a at step 2
+    # (its curve ends there: unknown); c better than the median (0.2) of a and b at step 2, worse than a at 4.
+    accuracy = {"a": {2: 0.1, 4: 0.2, 6: 0.3, 8: 0.4}, "b": {2: 0.3}, "c": {2: 0.25, 4: 0.15}}
+    for run in client.search_runs([experiment], filter_string="tags.`esft.kind` = 'trial'"):
+        for step, value in accuracy[run.data.tags["esft.trial_id"]].items():
+            client.log_metric(run.info.run_id, "valid_answer_accuracy", value, step=step)
+    assert replay(recorded_sweep(tmp_path, "valid_answer_accuracy"), grace=2, reduction_factor=2)["fates"] == ["full", ">2?", 4]
