@@ -51,7 +51,8 @@ def recorded_sweep(run_dir: Path, metric: str | None = None) -> dict:
     scheduler = json.loads(parent.data.params.get("scheduler", "null") or "null") or {}
     if metric and metric != scheduler.get("metric", "valid_loss"):  # another metric: its mode follows it
         scheduler = {**scheduler, "metric": metric, "mode": None}
-    metric = scheduler.get("metric", "valid_loss")
+    scheduler.setdefault("metric", "valid_loss")  # a grid's record has no scheduler
+    metric = scheduler["metric"]
     trials = []
     for run in runs:
         if run.data.tags.get("esft.kind") != "trial" or run.data.tags.get("mlflow.parentRunId") != parent.info.run_id:
@@ -72,7 +73,7 @@ def recorded_sweep(run_dir: Path, metric: str | None = None) -> dict:
 
 def replay(sweep: dict, grace: int, reduction_factor: float) -> dict:
     """Each trial's fate under ASHA(grace, reduction_factor): the step it stops at, "full", or ">N?" (unknown)."""
-    metric = sweep["scheduler"].get("metric", "valid_loss")
+    metric = sweep["scheduler"]["metric"]
     config = SchedulerConfig(metric=metric, mode=sweep["scheduler"].get("mode"), grace_period=grace,
                              reduction_factor=reduction_factor)
     scheduler = make_scheduler(config, {"steps": sweep["steps"], "eval_every": grace}, objective_mode="max")

@@ -1,9 +1,11 @@
-"""Search + early stopping vs the grid, on the same budget of trials: Optuna's TPE with ASHA on
-validation loss (configs/sweep_asha.yaml) against the grid (configs/sweep.yaml), on the embedded default.
+"""Search + early stopping vs the grid, on the same budget of trials: Optuna's TPE with ASHA
+(configs/sweep_asha.yaml: on validation answer accuracy) against the grid (configs/sweep.yaml), on the
+embedded default.
 
-    python bench/sweep.py                 # both shipped configs, 8 trials each (~15 min a round on 2 CPU cores)
+    python bench/sweep.py                 # both shipped configs, 8 trials of 480 steps each (~25 min a round on 2 CPU cores)
     python bench/sweep.py --quick         # a tiny version (2 trials each, a few steps) that checks the script runs
-    python bench/sweep.py --steps 480 --eval-every 30   # longer trials, where training outweighs a trial's start-up
+    python bench/sweep.py --scheduler-metric valid_loss      # ASHA on validation loss instead
+    python bench/sweep.py --steps 40 --eval-every 10         # short trials (the configs' length before 2026-12-02)
 
 Each round runs both sweeps one after the other in one process and one Ray cluster, in fresh run
 directories that share one profile (the order alternates between rounds; the searcher's seed is the
@@ -159,6 +161,33 @@ def confirmed_difference(raw: dict[str, list[dict]]) -> dict:
             "confirmed_search_minus_grid_ci": [float(v) for v in np.quantile(resampled, [0.025, 0.975])]}
 
 
+def ratios(raw: dict[str, list[dict]]) -> dict:
+    """The goals' ratios over all rounds: wall times and best objectives as means over rounds, and the
+    confirmation rows' paired difference."""
+    grid_time, search_time = mean([r["fit_seconds"] for r in raw["grid"]]), mean([r["fit_seconds"] for r in raw["search"]])
+    grid_best, search_best = mean([r["best_objective"] for r in raw["grid"]]), mean([r["best_objective"] for r in raw["search"]])
+    both = grid_best is not None and search_best is not None
+    return {"wall_time_search_over_grid": search_time / grid_time,
+            "best_objective_search_over_grid": search_best / grid_best if both and grid_best else None,
+            "best_objective_search_minus_grid": search_best - grid_best if both else None,
+            **confirmed_difference(raw)}
+
+
+def combine(paths: list[Path]) -> dict:
+    """One summary over the rounds of several runs of this bench with the same settings (e.g. a round added
+    later with --first-round): their raw rounds together, the ratios recomputed."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    same = [{k: v for k, v in run["config"].items() if k not in ("rounds", "searcher")} for run in runs]
+    if any(settings != same[0] for settings in same):
+        raise SystemExit("bench/sweep.py: --combine needs runs with the same settings (all but rounds and the seed)")
+    raw = {name: [r for run in runs for r in run["raw"][name]] for name in ("grid", "search")}
+    rounds = [r["round"] for r in raw["grid"]]
+    if len(set(rounds)) != len(rounds):
+        raise SystemExit(f"bench/sweep.py: --combine got round(s) twice: {sorted(rounds)}")
+    return {"ratios": ratios(raw), "raw": raw,
+            "config": {**runs[0]["config"], "rounds": len(rounds), "combined_from": [str(p) for p in paths]}}
+
+
 def mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
@@ -167,6 +196,8 @@ def mean(values: list) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1, help="rounds of both sweeps; the order alternates")
+    parser.add_argument("--first-round", type=int, default=0,
+                        help="index of the first round (its order and searcher seed), to add rounds to an earlier run")
     parser.add_argument("--quick", action="store_true", help="tiny sweeps: checks the script, measures nothing")
     parser.add_argument("--steps", type=int, help="training steps of every trial (default: the configs')")
     parser.add_argument("--eval-every", type=int, help="validation / checkpoint / ASHA rung interval (default: the configs')")
@@ -174,7 +205,16 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. valid_answer_accuracy")
     parser.add_argument("--out", default="runs/bench_sweep", help="run directories (one per sweep and round)")
     parser.add_argument("--results", help=f"JSON to write (default {RESULTS.relative_to(ROOT)}; --quick: OUT/quick.json)")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: write one summary of these results files' rounds to --results")
     args = parser.parse_args(argv)
+    if args.combine:
+        if not args.results:
+            raise SystemExit("bench/sweep.py: --combine needs --results")
+        summary = combine(args.combine)
+        Path(args.results).write_text(json.dumps(summary, indent=1, default=str))
+        print(json.dumps(summary["ratios"]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # each sweep keeps its own SQLite store in its run directory
     out = Path(args.out).resolve()
@@ -182,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     shared_profiles = out / "profiles"
     shared_profiles.mkdir(parents=True, exist_ok=True)
     raw: dict[str, list[dict]] = {"grid": [], "search": []}
-    for round_index in range(args.rounds):
+    for round_index in range(args.first_round, args.first_round + args.rounds):
         order = ["grid", "search"] if round_index % 2 == 0 else ["search", "grid"]
         for name in order:
             config = configs[name]
@@ -197,14 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 config.searcher["seed"] = round_index  # each round an independent search
             raw[name].append({"round": round_index, "searcher_seed": config.searcher.get("seed"),
                               **measure(config, out, 16 if args.quick else CONFIRM_ROWS)})
-    grid_time, search_time = mean([r["fit_seconds"] for r in raw["grid"]]), mean([r["fit_seconds"] for r in raw["search"]])
-    grid_best, search_best = mean([r["best_objective"] for r in raw["grid"]]), mean([r["best_objective"] for r in raw["search"]])
-    both = grid_best is not None and search_best is not None
     summary = {
-        "ratios": {"wall_time_search_over_grid": search_time / grid_time,
-                   "best_objective_search_over_grid": search_best / grid_best if both and grid_best else None,
-                   "best_objective_search_minus_grid": search_best - grid_best if both else None,
-                   **confirmed_difference(raw)},
+        "ratios": ratios(raw),
         "raw": raw,
         "config": {"quick": args.quick, "rounds": args.rounds, "trials_each": raw["grid"][0]["trials"],
                    "grid": str(VARIANTS["grid"].relative_to(ROOT)), "search": str(VARIANTS["search"].relative_to(ROOT)),

@@ -223,7 +223,9 @@ def test_shipped_sweep_configs_build_their_search():
     asha.validate()
     assert asha.searcher_config().num_samples >= 6 and asha.max_concurrent_trials * asha.train["workers"] <= 2  # a 2-core machine
     tune_config = _tune_config(asha, {**asha.train, "save_every": asha.train["eval_every"]}, "max", journal={})
-    assert tune_config.scheduler.metric == "valid_loss" and tune_config.search_alg.metric == "objective"
+    assert tune_config.search_alg.metric == "objective"
+    assert (tune_config.scheduler.metric, tune_config.scheduler._mode) == ("valid_answer_accuracy", "max")
+    assert grid.train == asha.train  # the bench compares them on the same trials
 
 
 def test_asha_maximises_answer_accuracy_and_minimises_losses_whatever_the_objective():
@@ -595,3 +597,16 @@ def test_asha_replay_gives_the_stops_asha_makes_on_recorded_curves(tmp_path):
         for step, value in accuracy[run.data.tags["esft.trial_id"]].items():
             client.log_metric(run.info.run_id, "valid_answer_accuracy", value, step=step)
     assert replay(recorded_sweep(tmp_path, "valid_answer_accuracy"), grace=2, reduction_factor=2)["fates"] == ["full", ">2?", 4]
+
+    # A later sweep in the same store, a grid (no scheduler recorded): the last sweep is replayed, on validation loss;
+    # e is worse than d at step 2.
+    grid = client.create_run(experiment, tags={"esft.kind": "sweep"}, start_time=10)
+    for start, (trial_id, curve) in enumerate({"d": {2: 1.0, 4: 0.9, 8: 0.7}, "e": {2: 1.1, 4: 0.8, 8: 0.6}}.items(), 11):
+        run = client.create_run(experiment, start_time=start, tags={
+            "esft.kind": "trial", "esft.trial_id": trial_id, "mlflow.parentRunId": grid.info.run_id})
+        for step, value in curve.items():
+            client.log_metric(run.info.run_id, "valid_loss", value, step=step)
+            client.log_metric(run.info.run_id, "loss", value, step=step)
+    sweep = recorded_sweep(tmp_path)
+    assert sweep["scheduler"] == {"metric": "valid_loss"} and [t["trial_id"] for t in sweep["trials"]] == ["d", "e"]
+    assert replay(sweep, grace=2, reduction_factor=2)["fates"] == ["full", 2]
