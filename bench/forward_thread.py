@@ -7,9 +7,11 @@ pipeline's forward measured ~25% slower there than the bare forward in a plain p
 separates the two causes: the same model (bench/configs/profile_model.json, random weights) and the
 same 4 x 256-token batches, 2 torch threads, timed in fresh processes (a) on the main thread and
 (b) on a thread started for it (model loaded on the main thread, warm-up and timing on the new one,
-as in a replica), plus (b) with glibc's malloc thresholds raised (no mmap / trim of large blocks).
-The variants are interleaved over rounds (this machine is shared); prints one JSON object of
-milliseconds per batch.
+as in a replica), each with glibc's defaults and with freed memory kept in the process
+(`esft.memory.keep_freed_memory`, what the replicas now do; an earlier version of this bench set
+MALLOC_MMAP_THRESHOLD_ to 1 GiB, above glibc's 32 MiB ceiling, so glibc ignored it). The variants are
+interleaved over rounds (this machine is shared); prints one JSON object of milliseconds and minor page
+faults (of the computing thread) per batch.
 """
 
 from __future__ import annotations
@@ -32,32 +34,41 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from esft.demo import synthetic  # noqa: E402
+from esft.memory import keep_freed_memory  # noqa: E402
 from esft.testing import save_shaped_model  # noqa: E402
 
 SHAPE = Path(__file__).resolve().parent / "configs" / "profile_model.json"
-VARIANTS = {"main_thread": ("main", {}), "worker_thread": ("worker", {}),
-            "worker_thread_malloc_thresholds": ("worker", {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-                                                           "MALLOC_TRIM_THRESHOLD_": str(1 << 30)})}
+DEFAULTS, KEPT = {"ESFT_KEEP_FREED_MEMORY": "0"}, {"ESFT_KEEP_FREED_MEMORY": "1"}
+VARIANTS = {"main_thread": ("main", DEFAULTS), "worker_thread": ("worker", DEFAULTS),
+            "main_thread_kept_memory": ("main", KEPT), "worker_thread_kept_memory": ("worker", KEPT)}
 
 
-def time_forwards(model_dir: str, batches: int, where: str) -> float:
-    """Milliseconds per forward of the decoder stack over `batches` random 4 x 256 batches."""
+def thread_minor_faults() -> int:
+    stat = Path(f"/proc/self/task/{threading.get_native_id()}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[7])
+
+
+def time_forwards(model_dir: str, batches: int, where: str) -> tuple[float, float]:
+    """Milliseconds and minor faults per forward of the decoder stack over `batches` random 4 x 256 batches."""
     from transformers import AutoModelForCausalLM
 
+    keep_freed_memory()  # a no-op under ESFT_KEEP_FREED_MEMORY=0
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, model.config.vocab_size, (batches, 4, 256), generator=generator)
     seconds: list[float] = []
+    faults: list[int] = []
 
     def run() -> None:
         torch.set_num_threads(2)  # per-thread OpenMP state, as a replica sets it on its calling thread
         with torch.inference_mode():
             model.model(input_ids=inputs[0])  # warm-up
-            start = time.perf_counter()
+            start, faulted = time.perf_counter(), thread_minor_faults()
             for batch in inputs:
                 model.model(input_ids=batch)
             seconds.append(time.perf_counter() - start)
+            faults.append(thread_minor_faults() - faulted)
 
     if where == "main":
         run()
@@ -65,7 +76,7 @@ def time_forwards(model_dir: str, batches: int, where: str) -> float:
         thread = threading.Thread(target=run)
         thread.start()
         thread.join()
-    return seconds[0] / batches * 1000
+    return seconds[0] / batches * 1000, faults[0] / batches
 
 
 def main() -> int:
@@ -81,16 +92,20 @@ def main() -> int:
         texts = [m["content"] for row in synthetic.rows("math", 2000, seed=0) for m in row["messages"]]
         model_dir = save_shaped_model(Path(tmp) / "model", json.loads(SHAPE.read_text()), texts)
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        faults: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.rounds):
             for name, (where, env) in VARIANTS.items():
                 command = [sys.executable, __file__, "--batches", str(args.batches), "--child", str(model_dir), where]
                 child = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, check=True)
-                times[name].append(round(json.loads(child.stdout.strip().splitlines()[-1]), 1))
+                milliseconds, faulted = json.loads(child.stdout.strip().splitlines()[-1])
+                times[name].append(round(milliseconds, 1))
+                faults[name].append(round(faulted))
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(json.dumps({"ratios": {f"{name}_over_main_thread": round(medians[name] / medians["main_thread"], 3)
                                  for name in VARIANTS if name != "main_thread"},
-                      "ms_per_batch": times, "config": {"rounds": args.rounds, "batches": args.batches, "threads": 2,
-                                                        "batch": [4, 256], "model": str(SHAPE.name)}}))
+                      "ms_per_batch": times, "minor_faults_per_batch": faults,
+                      "config": {"rounds": args.rounds, "batches": args.batches, "threads": 2, "batch": [4, 256],
+                                 "model": str(SHAPE.name)}}))
     return 0
 
 

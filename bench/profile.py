@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from esft.data import pack_samples, read_conversations, tokenize_conversations  # noqa: E402
 from esft.families import moe_layers  # noqa: E402
+from esft.memory import keep_freed_memory  # noqa: E402
 from esft.routing import routing_hooks  # noqa: E402
 from esft.testing import save_shaped_model  # noqa: E402
 from pipeline.profile import ProfileConfig, run_profile  # noqa: E402
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="pipeline and bare forward measured side by side this many times")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    keep_freed_memory()  # the limit: the bare forward without re-faulting its temporaries, as the replicas run
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -123,8 +123,10 @@ class Generator:
     def __init__(self, config: dict, threads: int):
         import torch
 
+        from esft.memory import keep_freed_memory
         from pipeline.data import cached_tokenizer
 
+        keep_freed_memory()  # or every generation step re-faults its temporaries (esft/memory.py)
         self.threads = threads
         self.config = EvalConfig(**config)
         torch.set_num_threads(threads)
