@@ -17,6 +17,11 @@ STEP_OBJECTIVE_METRICS = ("valid_loss", "valid_answer_accuracy", "general_loss")
 SCHEDULER_METRICS = ("valid_loss", "valid_answer_accuracy", "general_loss", "loss")  # in every validation step's report
 
 
+def default_mode(metric: str) -> str:
+    """Losses are minimised; every other metric (accuracies, task metrics) is maximised."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 @dataclass
 class SearchSpace:
     """A grid: every selection below x every lr x every train_shared_experts value. The default
@@ -195,7 +200,7 @@ class SweepConfig(PipelineConfig):
     def objective_spec(self, eval_metrics: list[str]) -> tuple[str, str, float]:
         """(metric, mode, general_loss_weight): the first eval metric by default, else validation loss."""
         metric = self.objective.get("metric") or (eval_metrics[0] if eval_metrics else "valid_loss")
-        mode = self.objective.get("mode") or ("min" if metric.endswith("loss") else "max")
+        mode = self.objective.get("mode") or default_mode(metric)
         if mode not in ("max", "min"):
             raise ConfigError("tune: objective.mode must be max or min")
         return metric, mode, float(self.objective.get("general_loss_weight", 0.0))

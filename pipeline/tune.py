@@ -41,7 +41,8 @@ from esft.io import atomic_write_text
 from pipeline import stages
 from pipeline.cache_keys import digest, keyed
 from pipeline.config import ConfigError
-from pipeline.sweep_config import STEP_OBJECTIVE_METRICS, SearcherConfig, SearchSpace, SchedulerConfig, SweepConfig
+from pipeline.sweep_config import (STEP_OBJECTIVE_METRICS, SchedulerConfig, SearcherConfig, SearchSpace, SweepConfig,
+                                   default_mode)
 from pipeline.sweep_journal import (
     JOURNAL,
     TrialJournal,
@@ -418,8 +419,7 @@ def make_scheduler(scheduler: SchedulerConfig, train: dict, objective_mode: str)
     if grace >= train["steps"]:
         raise ConfigError(f"tune: scheduler.grace_period ({grace}) must be below train.steps ({train['steps']}); "
                           "a trial can only be stopped before its last step")
-    mode = scheduler.mode or (objective_mode if scheduler.metric == "objective"
-                              else "min" if scheduler.metric.endswith("loss") else "max")
+    mode = scheduler.mode or (objective_mode if scheduler.metric == "objective" else default_mode(scheduler.metric))
     return ASHAScheduler(time_attr="step", metric=scheduler.metric, mode=mode, grace_period=grace,
                          reduction_factor=scheduler.reduction_factor, max_t=train["steps"] - 1, stop_last_trials=False)
 
