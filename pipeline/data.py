@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import warnings
 import math
 import random
 from collections.abc import Iterator
@@ -213,36 +212,33 @@ def packed_dataset(source: Source, *, tokenizer: str, trust_remote_code: bool, t
                    seed: int, max_tokens: int, loss_tokens_only: bool, batch_size: int) -> ray.data.Dataset:
     """Read, shuffle (seeded block order, then a seeded order inside each block), tokenize and
     pack a source. Blocks are packed whole, so packing never depends on how many replicas run;
-    each comes out in chunks of whole batches (`batch_size` rows each), so the replicas' batches
-    are the same rows whatever the chunking."""
-    with warnings.catch_warnings():
-        # `ray_remote_args_fn` is deprecated since Ray 2.60 (to be removed in 2.64; the project pins
-        # <2.61) and is still Ray Data's only public way to keep an operator out of fusion.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
-        return (
-            read_source(source)
-            .randomize_block_order(seed=seed)
-            .map_batches(
-                pack_block,
-                batch_size=None,
-                batch_format="pyarrow",
-                fn_kwargs=dict(
-                    kind=source.kind, where=source.spec, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-                    template=template, seq_len=seq_len, seed=seed, max_tokens=max_tokens, loss_tokens_only=loss_tokens_only,
-                    chunk_rows=batch_size * max(1, CHUNK_ROWS // batch_size),
-                ),
-                # Packing runs in its own tasks, on the CPU left for reading: it overlaps the replicas'
-                # start-up and compute, and its chunks go to whichever replica is free. Ray Data would
-                # otherwise fuse it into the replicas' actors whenever their CPU requests match (one
-                # CPU each), packing in series with compute, a whole read block on one replica. A
-                # remote-args function is what keeps an operator out of fusion.
-                ray_remote_args_fn=_packing_task_args,
-            )
+    each comes out in chunks of whole batches (`batch_size` rows each), one chunk per block, so the
+    replicas' batches are the same rows whatever the chunking and any free replica can take the next
+    chunk."""
+    chunk_rows = batch_size * max(1, CHUNK_ROWS // batch_size)
+    return (
+        read_source(source)
+        .randomize_block_order(seed=seed)
+        .map_batches(
+            pack_block,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs=dict(
+                kind=source.kind, where=source.spec, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                template=template, seq_len=seq_len, seed=seed, max_tokens=max_tokens, loss_tokens_only=loss_tokens_only,
+                chunk_rows=chunk_rows,
+            ),
         )
-
-
-def _packing_task_args() -> dict:
-    return {"num_cpus": 1}
+        # Ray Data gathers a task's outputs into blocks of up to 128 MiB, so without this a packing task's
+        # chunks left it as one block, at its end: the first forward waited for the whole budget to be
+        # packed, and a single replica computed the whole corpus however many there were (measured:
+        # 1,024 batches on one replica, none on the other). This split fuses into the packing task
+        # and makes it hand over each chunk as its own block as soon as it is packed. It also keeps
+        # packing out of the replicas' actors: Ray Data does not fuse an operator that may change the
+        # row count into one that takes whole batches, so packing runs in its own tasks, on the CPU
+        # left for reading, beside the replicas' start-up and compute (tests/test_profile.py checks the plan).
+        .repartition(target_num_rows_per_block=chunk_rows)
+    )
 
 
 def load_conversations(spec: str) -> list:

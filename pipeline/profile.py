@@ -134,12 +134,12 @@ class TaskProfile:
         return self.scores.total_tokens / max(self.seconds, 1e-9)
 
 
-def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertScores) -> TaskProfile:
-    """Stream one corpus through the replicas until the token budget is reached."""
+def profiling_stream(config: ProfileConfig, source: Source):
+    """The corpus's packed rows through the replica pool: per-row routing sums, in the stream's order."""
     from ray.data import ActorPoolStrategy
 
     placement = placement_for(config.replicas, config.gpus_per_replica, config.cpus_per_replica, config.threads_per_replica)
-    dataset = packed_dataset(
+    return packed_dataset(
         source, tokenizer=config.tokenizer or config.model, trust_remote_code=config.trust_remote_code,
         template=config.template, seq_len=config.seq_len, seed=config.seed, max_tokens=config.n_sample_tokens,
         loss_tokens_only=config.loss_tokens_only, batch_size=config.batch_size,
@@ -152,6 +152,11 @@ def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertS
         num_gpus=config.gpus_per_replica or None,
         fn_constructor_kwargs={"config": {**asdict(config), "threads": placement["threads"]}},
     )
+
+
+def profile_task(config: ProfileConfig, source: Source, template_scores: ExpertScores) -> TaskProfile:
+    """Stream one corpus through the replicas until the token budget is reached."""
+    dataset = profiling_stream(config, source)
     scores = ExpertScores.empty(template_scores.layers, template_scores.num_experts, template_scores.top_k,
                                 dict(template_scores.metadata))
     started, last_report, rows_used, skipped, example = time.perf_counter(), 0.0, 0, 0, ""

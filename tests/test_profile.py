@@ -70,6 +70,29 @@ def test_packing_streams_chunks_of_the_same_rows_and_reports_every_skip(assets):
     assert [e for c in chunks for e in c["skipped_example"] if e][0].startswith(assets["math"])
 
 
+def test_packed_chunks_reach_the_replicas_as_blocks_of_their_own_from_tasks_of_their_own(assets, monkeypatch, capsys):
+    """One read block (a small corpus) must still come out as one block per chunk: as one block
+    it would reach a single replica whatever the pool size, and only once all of it is packed."""
+    import pipeline.data
+    from pipeline.data import packed_dataset, resolve_source
+    from pipeline.profile import profiling_stream
+
+    monkeypatch.setattr(pipeline.data, "CHUNK_ROWS", 2 * BATCH)
+    source = resolve_source(assets["math"])
+    dataset = packed_dataset(source, tokenizer=assets["model"], trust_remote_code=False, template="reference",
+                             seq_len=SEQ_LEN, seed=3, max_tokens=10**6, loss_tokens_only=False, batch_size=BATCH)
+    rows_per_block = [entry.metadata.num_rows for bundle in dataset.iter_internal_ref_bundles() for entry in bundle.blocks]
+    whole = packed_rows(assets, 10**6, chunk_rows=10**9)
+    assert sum(rows_per_block) == len(whole["input_ids"]) > 4 * BATCH
+    assert all(rows == 2 * BATCH for rows in rows_per_block[:-1]) and 0 < rows_per_block[-1] <= 2 * BATCH
+    # Packing runs in its own tasks, not fused into the replicas' actors (one replica x one CPU is
+    # the request Ray Data used to fuse it into), so it overlaps their start-up and compute.
+    profiling_stream(config(assets, "unused", replicas=1, cpus_per_replica=1.0), source).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(RoutingProfiler)]" in physical
+    assert "TaskPoolMapOperator[MapBatches(pack_block)->StreamingRepartition" in physical
+
+
 def single_process_scores(assets, budget: int, threads: int) -> ExpertScores:
     """The same packed rows, profiled in this process with the same batch boundaries and thread
     count as a replica: the same computation, so the same bits."""
