@@ -2,16 +2,16 @@
 
     python bench/forward_thread.py [--rounds 3] [--batches 100]
 
-Ray Data calls a replica's `__call__` on a worker thread of the actor process, and the profiling
-pipeline's forward measured ~25% slower there than the bare forward in a plain process. This
-separates the two causes: the same model (bench/configs/profile_model.json, random weights) and the
-same 4 x 256-token batches, 2 torch threads, timed in fresh processes (a) on the main thread and
-(b) on a thread started for it (model loaded on the main thread, warm-up and timing on the new one,
-as in a replica), each with glibc's defaults and with freed memory kept in the process
-(`esft.memory.keep_freed_memory`, what the replicas now do; an earlier version of this bench set
-MALLOC_MMAP_THRESHOLD_ to 1 GiB, above glibc's 32 MiB ceiling, so glibc ignored it). The variants are
-interleaved over rounds (this machine is shared); prints one JSON object of milliseconds and minor page
-faults (of the computing thread) per batch.
+Ray Data calls a replica's `__call__` on a worker thread of the actor process. This times the same
+model (bench/configs/profile_model.json, random weights) over the same 4 x 256-token batches with 2
+torch threads, in fresh processes, (a) on the main thread, (b) on a thread started for it after the
+main thread loaded the model with 2 threads (OMP_NUM_THREADS=2), and (c) the same after a 1-thread
+load (OMP_NUM_THREADS=1, what Ray gives a replica's process). Each OpenMP team belongs to the thread that starts it: in
+(b) the process holds two teams, 3 OpenMP threads on 2 CPUs, and libgomp then stops spin-waiting at
+its barriers (it throttles when it manages more threads than there are CPUs) for every team. Freed
+memory is kept in the process (`esft.memory.keep_freed_memory`) in all three, as in the replicas.
+Variants are interleaved over rounds (this machine is shared); prints one JSON object of milliseconds
+and minor page faults (of the computing thread) per batch.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from esft.memory import keep_freed_memory  # noqa: E402
 from esft.testing import save_shaped_model  # noqa: E402
 
 SHAPE = Path(__file__).resolve().parent / "configs" / "profile_model.json"
-DEFAULTS, KEPT = {"ESFT_KEEP_FREED_MEMORY": "0"}, {"ESFT_KEEP_FREED_MEMORY": "1"}
-VARIANTS = {"main_thread": ("main", DEFAULTS), "worker_thread": ("worker", DEFAULTS),
-            "main_thread_kept_memory": ("main", KEPT), "worker_thread_kept_memory": ("worker", KEPT)}
+# name: (the thread that computes, OMP_NUM_THREADS of the process: the main thread's torch threads while it loads)
+VARIANTS = {"main_thread": ("main", 2), "worker_thread_two_teams": ("worker", 2), "worker_thread_one_team": ("worker", 1)}
 
 
 def thread_minor_faults() -> int:
@@ -52,8 +51,7 @@ def time_forwards(model_dir: str, batches: int, where: str) -> tuple[float, floa
     """Milliseconds and minor faults per forward of the decoder stack over `batches` random 4 x 256 batches."""
     from transformers import AutoModelForCausalLM
 
-    keep_freed_memory()  # a no-op under ESFT_KEEP_FREED_MEMORY=0
-    torch.set_num_threads(2)
+    keep_freed_memory()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, model.config.vocab_size, (batches, 4, 256), generator=generator)
@@ -94,9 +92,10 @@ def main() -> int:
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         faults: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.rounds):
-            for name, (where, env) in VARIANTS.items():
+            for name, (where, loading_threads) in VARIANTS.items():
                 command = [sys.executable, __file__, "--batches", str(args.batches), "--child", str(model_dir), where]
-                child = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+                child = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(loading_threads)},
+                                       capture_output=True, text=True, check=True)
                 milliseconds, faulted = json.loads(child.stdout.strip().splitlines()[-1])
                 times[name].append(round(milliseconds, 1))
                 faults[name].append(round(faulted))

@@ -12,9 +12,13 @@ trained on the corpus), one generated corpus. Tokens per second of:
       start-up and model load, routing capture, merging);
   (c) reference_loop: the reference profiler re-enacted: one sample per forward (batch 1, full
       model with labels), each MoE layer's routing appended to a per-layer text file, then the
-      files parsed into scores.
-Prints (ARCHITECTURE §7) `pipeline_over_bare_forward` = (b)/(a) and
-`pipeline_over_reference_loop` = (b)/(c).
+      files parsed into scores;
+  (d) bare_forward_per_core (CPU): the bare forward of (a) in the layout of the pipeline's default
+      CPU replicas, one single-thread process per core, the batches dealt between them.
+Prints (ARCHITECTURE §7) `pipeline_over_bare_forward` = (b)/(a), `pipeline_over_bare_forward_per_core`
+= (b)/(d) and `pipeline_over_reference_loop` = (b)/(c). (a) and (b) use the same threads: the pipeline's
+replicas share the cores, as one process's threads do in (a); (d) says how much of the pipeline's
+lead over (a) is its layout.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -80,6 +85,38 @@ def bare_forward(model, batches: list[torch.Tensor]) -> float:
         _synchronize(device)  # kernels run asynchronously: time the work, not the launches
         seconds = time.perf_counter() - start
     return sum(b.numel() for b in batches) / seconds
+
+
+def bare_forward_per_core(model_dir: Path, batches: list[torch.Tensor], root: Path) -> float:
+    """The same batches dealt round-robin to one single-thread process per core, all timed from one
+    start signal: the bare forward in the layout of the pipeline's default CPU replicas (tokens/s)."""
+    cores = os.cpu_count() or 1
+    rows = root / "rows.npy"
+    np.save(rows, torch.cat(batches).numpy(), allow_pickle=False)
+    command = [sys.executable, __file__, "--bare-child", str(model_dir), str(rows), str(len(batches[0]))]
+    children = [subprocess.Popen([*command, str(i), str(cores)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in range(cores)]
+    for child in children:  # each loads its model and warms up, then waits for the others
+        assert child.stdout.readline().strip() == "ready"
+    for child in children:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    seconds = max(float(child.communicate()[0].strip()) for child in children)
+    return sum(b.numel() for b in batches) / seconds
+
+
+def _bare_child(model_dir: str, rows: str, batch_size: int, index: int, of: int) -> None:
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    batches = list(torch.from_numpy(np.load(rows, allow_pickle=False)).split(batch_size))[index::of]
+    with torch.inference_mode():
+        model.model(input_ids=batches[0])  # warm-up
+        print("ready", flush=True)
+        sys.stdin.readline()
+        start = time.perf_counter()
+        for batch in batches:
+            model.model(input_ids=batch)
+        print(time.perf_counter() - start, flush=True)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -134,7 +171,7 @@ def pipeline_throughput(model_dir: Path, data: Path, out: Path, args: argparse.N
         start = time.perf_counter()
         result = run_profile(ProfileConfig(model=str(model_dir), data=[str(data)], out=str(out),
                                            n_sample_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                           gpus_per_replica=1.0 if args.device == "cuda" else 0.0))[0]
+                                           replicas=args.replicas, gpus_per_replica=1.0 if args.device == "cuda" else 0.0))[0]
         return result.scores.total_tokens / (time.perf_counter() - start), result
     finally:
         ray.shutdown()
@@ -151,10 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: one GPU replica in the pipeline, the bare forward on the same GPU")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="the pipeline's model replicas (default: the product's; CPU replicas share the cores)")
+    parser.add_argument("--bare-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline and bare forward measured side by side this many times")
     args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     keep_freed_memory()  # the limit: the bare forward without re-faulting its temporaries, as the replicas run
+    if args.bare_child:
+        model_dir, rows, batch_size, index, of = args.bare_child
+        _bare_child(model_dir, rows, int(batch_size), int(index), int(of))
+        return 0
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -165,33 +209,43 @@ def main(argv: list[str] | None = None) -> int:
         rounds = []
         for i in range(args.rounds):  # interleaved, the order alternating: this machine's speed drifts
             measured = {}
-            for variant in (("pipeline", "bare_forward") if i % 2 == 0 else ("bare_forward", "pipeline")):
+            variants = ["pipeline", "bare_forward"] + (["bare_forward_per_core"] if args.device == "cpu" else [])
+            for variant in (variants if i % 2 == 0 else variants[::-1]):
                 if variant == "bare_forward":
                     measured["bare_forward"] = bare_forward(model, batches)
+                elif variant == "bare_forward_per_core":
+                    measured["bare_forward_per_core"] = bare_forward_per_core(model_dir, batches, root)
                 else:
                     measured["pipeline"], result = pipeline_throughput(model_dir, data, root / f"profile{i}", args)
             measured["ratio"] = measured["pipeline"] / measured["bare_forward"]
+            if "bare_forward_per_core" in measured:
+                measured["ratio_per_core"] = measured["pipeline"] / measured["bare_forward_per_core"]
             rounds.append(measured)
-            print(f"round {i + 1}/{args.rounds}: pipeline {measured['pipeline']:.0f} tok/s, bare forward "
-                  f"{measured['bare_forward']:.0f} tok/s, ratio {measured['ratio']:.3f}", file=sys.stderr)
+            print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{k} {v:.3f}" if k.startswith("ratio") else f"{k} {v:.0f} tok/s"
+                                                              for k, v in measured.items()), file=sys.stderr)
         reference = None
         if args.reference_tokens:
             (root / "ref").mkdir()
             reference = reference_loop(model, model_dir, data, args.reference_tokens, root / "ref")
 
     pipeline, bare = (float(np.median([r[k] for r in rounds])) for k in ("pipeline", "bare_forward"))
+    per_core = [r["bare_forward_per_core"] for r in rounds if "bare_forward_per_core" in r]
     print(json.dumps({
         "ratios": {
             "pipeline_over_bare_forward": float(np.median([r["ratio"] for r in rounds])),  # median of the rounds' ratios
+            **({"pipeline_over_bare_forward_per_core": float(np.median([r["ratio_per_core"] for r in rounds]))}
+               if per_core else {}),
             **({"pipeline_over_reference_loop": pipeline / reference} if reference else {}),
         },
         "raw": {
-            "tokens_per_second": {"bare_forward": bare, "pipeline": pipeline, "reference_loop": reference},  # medians
+            "tokens_per_second": {"bare_forward": bare, "pipeline": pipeline, "reference_loop": reference,  # medians
+                                  **({"bare_forward_per_core": float(np.median(per_core))} if per_core else {})},
             "rounds": rounds,
             "pipeline_tokens": result.scores.total_tokens,
         },
         "config": {"model": json.loads(args.model_config.read_text()), "tokens": args.tokens, "seq_len": args.seq_len,
-                   "batch_size": args.batch_size, "reference_tokens": args.reference_tokens, "rounds": args.rounds,
+                   "batch_size": args.batch_size,
+                   "replicas": args.replicas, "reference_tokens": args.reference_tokens, "rounds": args.rounds,
                    "cpus": os.cpu_count(), "device": args.device, "dtype": str(dtype).removeprefix("torch.")},
     }))
     return 0

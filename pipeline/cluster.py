@@ -96,6 +96,26 @@ def ensure_ray() -> None:
     context.enable_progress_bars = False  # the driver prints its own progress
 
 
+# A CPU replica's start-up (worker process, torch and transformers imports, model load: ~5 CPU-seconds on the
+# development machine) is repaid by its share of the compute only at budgets this large per replica
+# (bench/README.md, profiling: at 1M tokens two one-thread replicas beat one two-thread replica by ~18%).
+TOKENS_PER_CPU_REPLICA = 262144
+
+
+def auto_cpu_replicas(budget_tokens: int, model_bytes: int) -> int:
+    """How many CPU replicas to profile `budget_tokens` with when the user did not say: one replica per
+    TOKENS_PER_CPU_REPLICA of budget, at most one per CPU of the cluster, and no more than the cluster's
+    memory holds at twice the model's size each (weights plus a batch's temporaries). On CPUs, several
+    one-thread replicas beat one replica using every thread on small models, whose GEMMs are too small
+    for threads to scale."""
+    import ray
+
+    resources = ray.cluster_resources()
+    by_cpus = int(resources.get("CPU", 1))
+    by_memory = int(resources.get("memory", 0) // max(1, 2 * model_bytes))
+    return max(1, min(budget_tokens // TOKENS_PER_CPU_REPLICA, by_cpus, by_memory))
+
+
 def placement_for(replicas: int, gpus_per_replica: float, cpus_per_replica: float | None, threads: int | None = None,
                   reading_cpus: float = 1.0) -> dict:
     """Resources of each model replica (profiling and evaluation share this). `threads`: torch

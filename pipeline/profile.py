@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ import numpy as np
 from esft.io import atomic_directory, atomic_write_text
 from esft.report import concentration_markdown, concentration_table, overlap, save_heatmaps
 from esft.scores import SCORES_FILENAME, SUMMARY_FILENAME, ExpertScores, RowSums, ScoresError, add_rows
-from pipeline.cluster import ensure_ray, placement_for
+from pipeline.cluster import auto_cpu_replicas, ensure_ray, placement_for
 from pipeline.config import ConfigError, absolute_local_paths
 from pipeline.data import Source, check_readable, packed_dataset, resolve_source, unique_task_names
 
@@ -52,7 +52,7 @@ class ProfileConfig:
     n_sample_tokens: int = 131072  # the paper: 32 rows x 4096 tokens
     seq_len: int = 4096
     batch_size: int = 4
-    replicas: int = 1
+    replicas: int | None = None  # None: 1 with GPUs; on CPUs `auto_cpu_replicas` (one-thread replicas, by budget)
     gpus_per_replica: float = 0.0
     cpus_per_replica: float | None = None  # default: leave one CPU of the node for reading
     threads_per_replica: int | None = None  # CPU replicas; default: the node's cores / replicas (see above)
@@ -72,7 +72,7 @@ class ProfileConfig:
         if not self.out:
             raise ConfigError("profile: --out is required")
         for name in ("n_sample_tokens", "seq_len", "batch_size", "replicas"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"profile: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.threads_per_replica is not None and int(self.threads_per_replica) < 1:
             raise ConfigError(f"profile: threads_per_replica must be a positive integer, got {self.threads_per_replica!r}")
@@ -226,12 +226,13 @@ def run_profile(config: ProfileConfig) -> list[TaskProfile]:
     sources = unique_task_names([resolve_source(spec) for spec in config.data])
     for source in sources:
         check_readable(source)
-    template = _empty_scores_for_model(config)
+    template, model_bytes = _empty_scores_for_model(config)
     from pipeline.data import cached_tokenizer
 
     cached_tokenizer(config.tokenizer or config.model, config.trust_remote_code)  # fail now, not in a worker
     with atomic_directory(config.out, overwrite=config.overwrite) as tmp:
         ensure_ray()
+        config = with_replica_count(config, model_bytes)
         results = []
         for source in sources:
             log.info("profiling %s (%s) on %s, budget %d tokens", source.task, source.spec, config.model, config.n_sample_tokens)
@@ -253,12 +254,26 @@ def run_profile(config: ProfileConfig) -> list[TaskProfile]:
     return results
 
 
-def _empty_scores_for_model(config: ProfileConfig) -> ExpertScores:
-    """Shape the scores from the model's structure alone (no weights) and check it is MoE."""
+def with_replica_count(config: ProfileConfig, model_bytes: int) -> ProfileConfig:
+    """`config` with its replica count settled (the user's, or the default), said in the log."""
+    if config.replicas is not None:
+        return config
+    if config.gpus_per_replica > 0:
+        return replace(config, replicas=1)
+    replicas = auto_cpu_replicas(config.n_sample_tokens, model_bytes)
+    threads = placement_for(replicas, 0.0, config.cpus_per_replica, config.threads_per_replica)["threads"]
+    log.info("%d CPU replica(s) x %d thread(s) (set --replicas to choose)", replicas, threads)
+    return replace(config, replicas=replicas)
+
+
+def _empty_scores_for_model(config: ProfileConfig) -> tuple[ExpertScores, int]:
+    """Shape the scores from the model's structure alone (no weights) and check it is MoE; also the
+    model's size in bytes (at the skeleton's dtype)."""
     from esft.families import family_of, moe_layers, num_experts, top_k
     from esft.model import load_skeleton
 
     skeleton = load_skeleton(config.model, trust_remote_code=config.trust_remote_code)
     layers = moe_layers(skeleton)
     metadata = {"model": config.model, "family": family_of(skeleton).name}
-    return ExpertScores.empty(tuple(layer.index for layer in layers), num_experts(layers[0]), top_k(layers[0]), metadata)
+    scores = ExpertScores.empty(tuple(layer.index for layer in layers), num_experts(layers[0]), top_k(layers[0]), metadata)
+    return scores, sum(p.numel() * p.dtype.itemsize for p in skeleton.parameters())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import logging
 
 import numpy as np
@@ -221,3 +222,27 @@ def test_cli_profile_then_select(assets, tmp_path):
     assert esft(["select", "--scores", str(out), "--score-function", "gate", "--top-p", "0.1",
                  "--out", str(tmp_path / "cfg.json")]) == 0
     assert set(json.loads((tmp_path / "cfg.json").read_text())["experts"]) == {"1", "2", "3"}
+
+
+def test_cpu_replicas_by_default_follow_the_budget_within_the_cpus_and_memory(assets, tmp_path):
+    import ray
+
+    from pipeline.cluster import TOKENS_PER_CPU_REPLICA, auto_cpu_replicas
+    from pipeline.profile import with_replica_count
+
+    memory = ray.cluster_resources()["memory"]  # the local Ray of these tests: 2 CPUs
+    assert auto_cpu_replicas(16384, 10**6) == 1  # a small budget: one replica with every thread
+    assert auto_cpu_replicas(2 * TOKENS_PER_CPU_REPLICA, 10**6) == 2
+    assert auto_cpu_replicas(8 * TOKENS_PER_CPU_REPLICA, 10**6) == 2  # never more than the CPUs
+    assert auto_cpu_replicas(8 * TOKENS_PER_CPU_REPLICA, int(memory // 3)) == 1  # two copies at 2x would not fit
+    assert auto_cpu_replicas(8 * TOKENS_PER_CPU_REPLICA, int(memory)) == 1  # not even one fits: still one, never zero
+    big_budget = config(assets, tmp_path, n_sample_tokens=2 * TOKENS_PER_CPU_REPLICA)
+    assert with_replica_count(big_budget, 10**6).replicas == 2
+    assert with_replica_count(replace(big_budget, replicas=1), 10**6).replicas == 1  # the user's choice stands
+    assert with_replica_count(replace(big_budget, gpus_per_replica=1.0), 10**6).replicas == 1
+    # the default run: 2 one-thread replicas on the 2 CPUs, the sums those of one one-thread replica, bit for bit
+    auto = run_profile(config(assets, tmp_path / "auto", n_sample_tokens=2 * TOKENS_PER_CPU_REPLICA))[0]
+    single = run_profile(config(assets, tmp_path / "one", n_sample_tokens=2 * TOKENS_PER_CPU_REPLICA, replicas=1,
+                                threads_per_replica=1))[0]
+    for name in ("tokens_L", "selections_LE", "gate_mass_fixed_LE"):
+        assert np.array_equal(getattr(auto.scores, name), getattr(single.scores, name)), name
