@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="packed row length (default 4096)")
     p.add_argument("--batch-size", type=int, help="rows per forward (default 4)")
     p.add_argument("--replicas", type=int, help="model replicas in the actor pool (default: 1 with GPUs; on CPUs one "
-                   "one-thread replica per 262,144 tokens of budget, up to one per CPU)")
+                   "replica per 262,144 tokens of budget, up to one per CPU, sharing the cores)")
     p.add_argument("--gpus-per-replica", type=float, help="GPUs per replica; > 1 splits layers across them (default 0)")
     p.add_argument("--cpus-per-replica", type=float, help="CPUs reserved per replica")
     p.add_argument("--seed", type=int, help="shuffling seed (default 0)")

@@ -105,9 +105,9 @@ TOKENS_PER_CPU_REPLICA = 262144
 def auto_cpu_replicas(budget_tokens: int, model_bytes: int) -> int:
     """How many CPU replicas to profile `budget_tokens` with when the user did not say: one replica per
     TOKENS_PER_CPU_REPLICA of budget, at most one per CPU of the cluster, and no more than the cluster's
-    memory holds at twice the model's size each (weights plus a batch's temporaries). On CPUs, several
-    one-thread replicas beat one replica using every thread on small models, whose GEMMs are too small
-    for threads to scale."""
+    memory holds at twice the model's size each (weights plus a batch's temporaries). The replicas share
+    the cores (`placement_for`), so at one per CPU each runs one thread: on small models, whose GEMMs are
+    too small for threads to scale, several one-thread replicas beat one replica using every thread."""
     import ray
 
     resources = ray.cluster_resources()

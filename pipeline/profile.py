@@ -52,7 +52,7 @@ class ProfileConfig:
     n_sample_tokens: int = 131072  # the paper: 32 rows x 4096 tokens
     seq_len: int = 4096
     batch_size: int = 4
-    replicas: int | None = None  # None: 1 with GPUs; on CPUs `auto_cpu_replicas` (one-thread replicas, by budget)
+    replicas: int | None = None  # None: 1 with GPUs; on CPUs `auto_cpu_replicas` (by budget, up to one per CPU)
     gpus_per_replica: float = 0.0
     cpus_per_replica: float | None = None  # default: leave one CPU of the node for reading
     threads_per_replica: int | None = None  # CPU replicas; default: the node's cores / replicas (see above)
