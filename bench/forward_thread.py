@@ -6,12 +6,12 @@ Ray Data calls a replica's `__call__` on a worker thread of the actor process. T
 model (bench/configs/profile_model.json, random weights) over the same 4 x 256-token batches with 2
 torch threads, in fresh processes, (a) on the main thread, (b) on a thread started for it after the
 main thread loaded the model with 2 threads (OMP_NUM_THREADS=2), and (c) the same after a 1-thread
-load (OMP_NUM_THREADS=1, what Ray gives a replica's process). Each OpenMP team belongs to the thread that starts it: in
-(b) the process holds two teams, 3 OpenMP threads on 2 CPUs, and libgomp then stops spin-waiting at
-its barriers (it throttles when it manages more threads than there are CPUs) for every team. Freed
-memory is kept in the process (`esft.memory.keep_freed_memory`) in all three, as in the replicas.
-Variants are interleaved over rounds (this machine is shared); prints one JSON object of milliseconds
-and minor page faults (of the computing thread) per batch.
+load (OMP_NUM_THREADS=1, what Ray gives a replica's process). Each OpenMP team belongs to the thread
+that starts it: in (b) the process holds two teams, 3 OpenMP threads on 2 CPUs, and libgomp then
+stops spin-waiting at its barriers (it throttles when it manages more threads than there are CPUs)
+for every team. Freed memory is kept in the process (`esft.memory.keep_freed_memory`) in all three,
+as in the replicas. Variants are interleaved over rounds (this machine is shared); prints one JSON
+object of milliseconds and minor page faults (of the computing thread) per batch.
 """
 
 from __future__ import annotations

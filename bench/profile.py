@@ -87,17 +87,20 @@ def bare_forward(model, batches: list[torch.Tensor]) -> float:
     return sum(b.numel() for b in batches) / seconds
 
 
-def bare_forward_per_core(model_dir: Path, batches: list[torch.Tensor], root: Path) -> float:
+def bare_forward_per_core(model_dir: Path, batches: list[torch.Tensor], root: Path, dtype: torch.dtype) -> float:
     """The same batches dealt round-robin to one single-thread process per core, all timed from one
     start signal: the bare forward in the layout of the pipeline's default CPU replicas (tokens/s)."""
     cores = os.cpu_count() or 1
     rows = root / "rows.npy"
-    np.save(rows, torch.cat(batches).numpy(), allow_pickle=False)
-    command = [sys.executable, __file__, "--bare-child", str(model_dir), str(rows), str(len(batches[0]))]
+    if not rows.exists():  # the same rows every round
+        np.save(rows, torch.cat(batches).numpy(), allow_pickle=False)
+    command = [sys.executable, __file__, "--bare-child", str(model_dir), str(rows), str(len(batches[0])),
+               str(dtype).removeprefix("torch.")]
     children = [subprocess.Popen([*command, str(i), str(cores)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in range(cores)]
     for child in children:  # each loads its model and warms up, then waits for the others
-        assert child.stdout.readline().strip() == "ready"
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a per-core bare-forward process failed (exit code {child.wait()}); see its stderr above")
     for child in children:
         child.stdin.write("go\n")
         child.stdin.flush()
@@ -105,9 +108,9 @@ def bare_forward_per_core(model_dir: Path, batches: list[torch.Tensor], root: Pa
     return sum(b.numel() for b in batches) / seconds
 
 
-def _bare_child(model_dir: str, rows: str, batch_size: int, index: int, of: int) -> None:
+def _bare_child(model_dir: str, rows: str, batch_size: int, dtype: str, index: int, of: int) -> None:
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     batches = list(torch.from_numpy(np.load(rows, allow_pickle=False)).split(batch_size))[index::of]
     with torch.inference_mode():
         model.model(input_ids=batches[0])  # warm-up
@@ -190,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--replicas", type=int, default=None,
                         help="the pipeline's model replicas (default: the product's; CPU replicas share the cores)")
-    parser.add_argument("--bare-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-child", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline and bare forward measured side by side this many times")
     args = parser.parse_args(argv)
     keep_freed_memory()  # the limit: the bare forward without re-faulting its temporaries, as the replicas run
     if args.bare_child:
-        model_dir, rows, batch_size, index, of = args.bare_child
-        _bare_child(model_dir, rows, int(batch_size), int(index), int(of))
+        model_dir, rows, batch_size, dtype, index, of = args.bare_child
+        _bare_child(model_dir, rows, int(batch_size), dtype, int(index), int(of))
         return 0
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 if variant == "bare_forward":
                     measured["bare_forward"] = bare_forward(model, batches)
                 elif variant == "bare_forward_per_core":
-                    measured["bare_forward_per_core"] = bare_forward_per_core(model_dir, batches, root)
+                    measured["bare_forward_per_core"] = bare_forward_per_core(model_dir, batches, root, dtype)
                 else:
                     measured["pipeline"], result = pipeline_throughput(model_dir, data, root / f"profile{i}", args)
             measured["ratio"] = measured["pipeline"] / measured["bare_forward"]
